@@ -1,0 +1,213 @@
+// gfnmap memslots: address spaces of guest-physical -> host-virtual slots, changed with
+// KVM_SET_USER_MEMORY_REGION's checks and errnos, read lock-free through immutable snapshots.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gfnmap/types.h"
+
+namespace gfnmap {
+
+// User flags (bits 0..15) and the internal INVALID flag (spec 1, 7.1).
+inline constexpr uint32_t kMemLogDirtyPages = 1u << 0;  // KVM_MEM_LOG_DIRTY_PAGES
+inline constexpr uint32_t kMemReadonly = 1u << 1;       // KVM_MEM_READONLY
+inline constexpr uint32_t kMemGuestMemfd = 1u << 2;     // KVM_MEM_GUEST_MEMFD
+inline constexpr uint32_t kMemslotInvalid = 1u << 16;   // KVM_MEMSLOT_INVALID
+
+inline constexpr uint32_t kMemSlotsNum = 32767;   // KVM_MEM_SLOTS_NUM (SHRT_MAX)
+inline constexpr uint32_t kUserMemSlots = 32764;  // KVM_USER_MEM_SLOTS on x86 (= KVM_CAP_NR_MEMSLOTS)
+inline constexpr uint64_t kMemMaxNrPages = (uint64_t{1} << 31) - 1;  // KVM_MEM_MAX_NR_PAGES
+inline constexpr uint64_t kMemslotGenUpdateInProgress = uint64_t{1} << 63;
+inline constexpr uint64_t kTaskSizeMax = 0x00007ffffffff000ULL;  // x86-64 TASK_SIZE_MAX
+
+struct Memslot {
+  uint16_t id = 0;
+  uint16_t as_id = 0;
+  Gfn base_gfn;
+  uint64_t npages = 0;
+  Hva userspace_addr;
+  uint32_t flags = 0;
+
+  Gfn end_gfn() const { return base_gfn + npages; }  // exclusive
+  Hva hva_end() const { return userspace_addr + npages * kPageSize; }  // exclusive
+  bool contains(Gfn gfn) const { return gfn >= base_gfn && gfn < end_gfn(); }
+  bool readonly() const { return flags & kMemReadonly; }
+  bool logs_dirty() const { return flags & kMemLogDirtyPages; }
+  bool invalid() const { return flags & kMemslotInvalid; }
+
+  friend bool operator==(const Memslot&, const Memslot&) = default;
+};
+
+// struct kvm_userspace_memory_region; `slot` holds the id in bits 0..15, the address space in
+// bits 16..31.
+struct UserspaceMemoryRegion {
+  uint32_t slot = 0;
+  uint32_t flags = 0;
+  uint64_t guest_phys_addr = 0;
+  uint64_t memory_size = 0;  // bytes; 0 deletes the slot
+  uint64_t userspace_addr = 0;
+};
+
+enum class MemslotChange { kCreate, kDelete, kMove, kFlagsOnly };
+std::string_view to_string(MemslotChange change);
+
+// KVM_SET_USER_MEMORY_REGION (v1: only LOG_DIRTY_PAGES and READONLY) or _REGION2.
+enum class RegionIoctl { kV1, kV2 };
+
+struct MemslotsConfig {
+  unsigned nr_address_spaces = 1;          // 1, or 2 (x86 with SMM); at most 2
+  uint32_t nr_user_slots = kUserMemSlots;  // KVM_USER_MEM_SLOTS; 1..kMemSlotsNum
+  bool readonly_mem = true;                // arch supports KVM_MEM_READONLY
+  bool private_mem = false;                // VM accepts KVM_MEM_GUEST_MEMFD (not modelled: off)
+  uint64_t task_size = kTaskSizeMax;       // access_ok() limit for userspace_addr + size
+};
+
+// Called by Memslots while it holds its slots lock (KVM's arch hooks). Pointers passed in are
+// valid only during the call. Listeners must not call set_memory_region.
+class MemslotListener {
+ public:
+  virtual ~MemslotListener() = default;
+  // kvm_arch_prepare_memory_region: an error aborts the change with that errno.
+  virtual Result<void> prepare_memory_region(const Memslot* old_slot, const Memslot* new_slot,
+                                             MemslotChange change);
+  // kvm_arch_flush_shadow_memslot: DELETE/MOVE, after the INVALID copy of the old slot is
+  // published and before the new slot set is installed. Must zap every mapping of `slot`.
+  virtual void flush_shadow_memslot(const Memslot& slot);
+  // kvm_arch_commit_memory_region: after the new set is active.
+  virtual void commit_memory_region(const Memslot* old_slot, const Memslot* new_slot,
+                                    MemslotChange change);
+  // kvm_arch_memslots_updated: after every swap of an address space's active set.
+  virtual void memslots_updated(unsigned as_id, uint64_t generation);
+};
+
+// Per-vCPU last-used-slot cache (kvm_vcpu.last_used_slot / last_used_slot_gen). Valid only
+// while its generation equals the set's; it never changes a lookup's answer.
+struct VcpuMemslotCache {
+  const Memslot* slot = nullptr;
+  uint64_t generation = kMemslotGenUpdateInProgress;  // never a published generation
+};
+
+// One address space's published slot set. Immutable once published, except for the VM-wide
+// last-used-slot cache. Slot pointers stay valid while the read lock that produced the set
+// is held.
+class MemslotSet {
+ public:
+  unsigned as_id() const { return as_id_; }
+  uint64_t generation() const { return generation_; }
+  size_t size() const { return by_gfn_.size(); }
+  std::span<const Memslot> slots() const { return by_gfn_; }  // sorted by base_gfn
+
+  const Memslot* id_to_memslot(uint16_t id) const;  // nullptr when absent
+  // search_memslots: O(log n). Without `approx` nullptr when no slot holds gfn; with it, a
+  // neighbouring slot of the hole (nullptr only for an empty set).
+  const Memslot* search_memslots(Gfn gfn, bool approx = false) const;
+  // __gfn_to_memslot: VM-wide last_used_slot first, then search; a hit becomes last used.
+  const Memslot* gfn_to_memslot(Gfn gfn) const;
+  // kvm_vcpu_gfn_to_memslot: per-vCPU cache (checked by generation), then search without
+  // touching the VM-wide cache.
+  const Memslot* vcpu_gfn_to_memslot(VcpuMemslotCache& cache, Gfn gfn) const;
+  // kvm_is_visible_gfn: in a slot with id < nr_user_slots that is not INVALID.
+  bool is_visible_gfn(Gfn gfn) const;
+  // Calls fn for every slot whose hva range intersects [start, end), for MMU notifiers.
+  void for_each_hva_overlap(Hva start, Hva end, FunctionRef<void(const Memslot&)> fn) const;
+
+  struct Impl;  // implementation detail of memslot/
+
+ private:
+  friend class Memslots;
+  friend struct Impl;
+  MemslotSet() = default;
+
+  unsigned as_id_ = 0;
+  uint64_t generation_ = 0;
+  uint32_t nr_user_slots_ = kUserMemSlots;
+  std::vector<Memslot> by_gfn_;          // sorted by base_gfn, no overlaps (but INVALID ones)
+  std::vector<uint64_t> base_gfns_;      // by_gfn_[i].base_gfn, for a cache-friendly search
+  std::vector<uint32_t> by_id_;          // id -> index + 1 into by_gfn_, 0 when absent
+  std::vector<uint32_t> by_hva_;         // indexes sorted by userspace_addr
+  std::vector<uint64_t> hva_end_max_;    // running max of hva_end over by_hva_ order
+  mutable std::atomic<const Memslot*> last_used_slot_{nullptr};
+};
+
+class Memslots;
+
+// An SRCU read-side section: the sets it hands out stay alive (and unchanged) until it ends.
+// Cheap: two atomic operations. Never blocks.
+class [[nodiscard]] MemslotsReadLock {
+ public:
+  MemslotsReadLock(MemslotsReadLock&& other) noexcept;
+  MemslotsReadLock(const MemslotsReadLock&) = delete;
+  MemslotsReadLock& operator=(const MemslotsReadLock&) = delete;
+  MemslotsReadLock& operator=(MemslotsReadLock&&) = delete;
+  ~MemslotsReadLock();
+
+  // Precondition: as_id < nr_address_spaces.
+  const MemslotSet& set(unsigned as_id = 0) const;
+
+ private:
+  friend class Memslots;
+  MemslotsReadLock(const Memslots* owner, unsigned idx) : owner_(owner), idx_(idx) {}
+  const Memslots* owner_;
+  unsigned idx_;
+};
+
+// The VM's memslots (kvm->memslots[], slots_lock, the swap protocol). Thread safety: any
+// number of readers concurrently with one writer at a time (writers serialise internally).
+class Memslots {
+ public:
+  explicit Memslots(MemslotsConfig config = {});
+  ~Memslots();
+  Memslots(const Memslots&) = delete;
+  Memslots& operator=(const Memslots&) = delete;
+
+  const MemslotsConfig& config() const { return config_; }
+
+  // KVM_SET_USER_MEMORY_REGION(2): checks in KVM's order with KVM's errno for each (spec 7.4).
+  // Returns the change made, or nullopt for the no-op modify (which returns 0 in KVM).
+  // DELETE and MOVE first publish the old slot marked INVALID and call flush_shadow_memslot.
+  // Every swap waits until no MMU-notifier invalidation is active (mn_invalidate_begin/end).
+  Result<std::optional<MemslotChange>> set_memory_region(const UserspaceMemoryRegion& region,
+                                                         RegionIoctl ioctl = RegionIoctl::kV1);
+
+  MemslotsReadLock read_lock() const;  // srcu_read_lock(&kvm->srcu)
+  // The active generation of an address space (spec 7.3: starts at as_id, + nr_as per swap).
+  uint64_t generation(unsigned as_id) const;
+  uint64_t nr_memslot_pages() const;  // VM-wide total of pages in all slots
+
+  // Listeners are called in registration order. Register before concurrent use.
+  void add_listener(MemslotListener* listener);
+  void remove_listener(MemslotListener* listener);
+
+  // mn_active_invalidate_count: every notifier invalidate_range_start..end window is bracketed
+  // by these; swaps wait for the count to reach 0 (spec 8.2). Balanced calls only.
+  void mn_invalidate_begin();
+  void mn_invalidate_end();
+  long mn_active_invalidate_count() const;
+
+  struct Impl;  // implementation detail of memslot/
+
+ private:
+  friend class MemslotsReadLock;
+  MemslotsConfig config_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// gfn -> hva (spec 3.1 step 1, 5). All accept slot == nullptr.
+
+// __gfn_to_hva_many: KVM_HVA_ERR_BAD for a null or INVALID slot, KVM_HVA_ERR_RO_BAD for a write
+// to a READONLY slot, else the hva. nr_pages (optional) receives the pages left in the slot.
+// Precondition when the slot is usable: slot->contains(gfn).
+Hva gfn_to_hva_many(const Memslot* slot, Gfn gfn, uint64_t* nr_pages, bool write);
+// gfn_to_hva_memslot: write intent, so a READONLY slot gives an error hva.
+Hva gfn_to_hva_memslot(const Memslot* slot, Gfn gfn);
+// gfn_to_hva_memslot_prot: read intent; *writable (optional) = !READONLY on success.
+Hva gfn_to_hva_memslot_prot(const Memslot* slot, Gfn gfn, bool* writable);
+
+}  // namespace gfnmap

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "gfnmap/host.h"
@@ -53,7 +55,12 @@ class AsyncPfClient {
 
 // What the vCPU's user (the VMM) sees, in order.
 struct AsyncPfEvent {
-  enum class Kind { kPageNotPresent, kPageReady };
+  enum class Kind : uint8_t {
+    kPageNotPresent,
+    kPageReady,
+    kNotPresent = kPageNotPresent,  // short aliases
+    kReady = kPageReady,
+  };
   Kind kind = Kind::kPageNotPresent;
   uint32_t token = 0;
   Gfn gfn;
@@ -151,6 +158,28 @@ class AsyncPfQueue {
   std::vector<AsyncPfEvent> events_;
   struct Local;
   std::unique_ptr<Local> local_;  // the queue list and gfn set (vCPU thread only)
+};
+
+// The VM's async PF state: one worker pool and one queue per vCPU (what the MMU holds).
+// vcpu_queue / remove_vcpu are thread safe; each queue is then used by its vCPU's thread.
+class AsyncPf {
+ public:
+  // `mm` must outlive this object.
+  explicit AsyncPf(HostMm& mm, unsigned nr_threads = 2) : pool_(mm, nr_threads) {}
+  AsyncPf(const AsyncPf&) = delete;
+  AsyncPf& operator=(const AsyncPf&) = delete;
+
+  AsyncPfWorkerPool& pool() { return pool_; }
+  // The vCPU's queue (stable address), created on first use with `client`; later calls
+  // ignore `client`.
+  AsyncPfQueue& vcpu_queue(uint32_t vcpu_id, AsyncPfClient* client = nullptr);
+  // Clears and destroys the vCPU's queue (vCPU teardown). No-op when absent.
+  void remove_vcpu(uint32_t vcpu_id);
+
+ private:
+  AsyncPfWorkerPool pool_;  // declared first: destroyed after the queues
+  std::mutex mu_;
+  std::map<uint32_t, std::unique_ptr<AsyncPfQueue>> queues_;
 };
 
 }  // namespace gfnmap

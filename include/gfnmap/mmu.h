@@ -1,0 +1,350 @@
+// gfnmap MMU: the second-level (EPT/NPT-like) table, page faults under the MMU-notifier
+// protocol (spec 8, 9), invalidation and aging, dirty-log write protection, and the Vcpu API.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gfnmap/async_pf.h"
+#include "gfnmap/dirty.h"
+#include "gfnmap/follow.h"
+#include "gfnmap/host.h"
+#include "gfnmap/memslot.h"
+#include "gfnmap/types.h"
+
+namespace gfnmap {
+
+class Vcpu;
+namespace detail {
+struct SptNode;
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// Second-level PTE (SPTE) encoding. A leaf is one atomic 64-bit word:
+//   bits 12..51  the host pointer of the first byte the leaf maps (4K aligned), so a table hit
+//                is one load and a mask; the host pfn lives in a side array beside the entries
+//   bits 0..11   the flags below
+// A non-leaf entry (levels 2..4) is a child table pointer with kSpteTable set. 0 = not present.
+namespace spte {
+inline constexpr uint64_t kPresent = 1u << 0;       // readable
+inline constexpr uint64_t kWritable = 1u << 1;      // writes allowed now
+inline constexpr uint64_t kExecutable = 1u << 2;
+inline constexpr uint64_t kHostWritable = 1u << 3;  // the host mapping was writable at fault
+inline constexpr uint64_t kMmuWritable = 1u << 4;   // may be made writable (only dirty-log WP)
+inline constexpr uint64_t kAccessed = 1u << 5;
+inline constexpr uint64_t kDirty = 1u << 6;
+inline constexpr uint64_t kRefcounted = 1u << 7;    // the pfn had a refcounted struct page
+inline constexpr uint64_t kLarge = 1u << 8;         // a 2M or 1G leaf
+inline constexpr uint64_t kPfnOverflow = 1u << 9;   // pfn kept in the overflow map
+inline constexpr uint64_t kScattered = 1u << 10;    // 2M leaf whose 4K host pages are not
+                                                    // contiguous: bits 12..51 point at an
+                                                    // array of 512 host page pointers
+inline constexpr uint64_t kTable = uint64_t{1} << 63;  // non-leaf: bits 0..47 point at a table
+inline constexpr uint64_t kAddrMask = 0x000ffffffffff000ULL;
+
+constexpr bool is_leaf(uint64_t e) { return (e & kPresent) && !(e & kTable); }
+constexpr bool is_writable(uint64_t e) { return is_leaf(e) && (e & kWritable); }
+// Write-protected only for dirty logging: the lock-free fast path may make it writable.
+constexpr bool is_dirty_log_protected(uint64_t e) {
+  return is_leaf(e) && !(e & kWritable) && (e & kHostWritable) && (e & kMmuWritable);
+}
+// "P|W|X|HW|MW|A|D|RC|L"
+std::string to_string(uint64_t e);
+}  // namespace spte
+
+// Guest address width of the table: 4 levels of 512 entries, 48-bit gpa (x86 4-level EPT).
+inline constexpr unsigned kMmuLevels = 4;
+inline constexpr uint64_t kMmuMaxGfn = uint64_t{1} << 36;  // exclusive
+
+// ---------------------------------------------------------------------------------------------
+// Accesses and exits.
+
+enum class Access : uint8_t { kRead = 1, kWrite = 2, kExec = 4 };
+std::string_view to_string(Access access);
+
+// What made Vcpu's access stop, like KVM_RUN's exit reasons. kNone: the access completed.
+enum class ExitReason : uint8_t {
+  kNone,
+  kMmio,               // KVM_EXIT_MMIO: no memslot, or a write to a READONLY slot / RO PFNMAP
+  kMemoryFault,        // KVM_RUN -EFAULT + KVM_EXIT_MEMORY_FAULT: the hva could not be resolved
+  kHwpoison,           // SIGBUS BUS_MCEERR_AR: the backing page is poisoned (hva reported)
+  kIntr,               // KVM_EXIT_INTR / -EINTR: a signal interrupted the fault-in
+  kDirtyRingFull,      // KVM_EXIT_DIRTY_RING_FULL: harvest and reset before running again
+  kAsyncPfNotPresent,  // the fault went async: "page not present" with a token
+  kAsyncPfHalt,        // a fault on a gfn with outstanding async work: halt, wait for ready
+};
+std::string_view to_string(ExitReason reason);
+
+struct VcpuExit {
+  ExitReason reason = ExitReason::kNone;
+  uint64_t bytes_done = 0;  // bytes of the access completed before the exit
+  Gpa gpa;                  // the first byte not done
+  struct {
+    uint32_t len = 0;  // at most 8, and never crossing the page
+    bool is_write = false;
+    std::array<std::byte, 8> data{};  // write: the bytes the guest stores
+  } mmio;
+  int error = 0;     // kMemoryFault: EFAULT; kIntr: EINTR
+  Hva hva;           // kHwpoison: the poisoned page's hva; kMemoryFault: the hva (or error hva)
+  uint32_t token = 0;  // kAsyncPfNotPresent / kAsyncPfHalt: the async PF token (never 0)
+
+  bool ok() const { return reason == ExitReason::kNone; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The MMU.
+
+// Counters; each is monotonic. Balance (checked by the tests): every page_fault call ends in
+// exactly one of installs, retries, exits, async_queued, async_halts, i.e.
+//   faults == installs + retries + exits + async_queued + async_halts
+// where fast-path fixes are not page_fault calls (fast_faults counts them).
+struct MmuStats {
+  uint64_t faults = 0;          // page_fault calls (prefetches included)
+  uint64_t fast_faults = 0;     // dirty-log write faults fixed lock-free
+  uint64_t nowait_hits = 0;     // resolved by the NOWAIT attempt
+  uint64_t slow_faults = 0;     // needed the synchronous interruptible attempt
+  uint64_t async_queued = 0;    // went async (not-present delivered)
+  uint64_t async_halts = 0;     // repeated fault on a gfn with outstanding async work
+  uint64_t retries = 0;         // RET_PF_RETRY: invalidation race or INVALID slot
+  uint64_t exits = 0;           // ended in an exit (MMIO, EFAULT, hwpoison, intr)
+  uint64_t installs = 0;        // leaves installed (4K + 2M + 1G)
+  uint64_t installs_2m = 0;
+  uint64_t installs_1g = 0;
+  uint64_t prefetches = 0;      // page-ready re-runs
+  uint64_t zapped = 0;          // leaves zapped (any size)
+  uint64_t write_protected = 0;  // leaves write-protected for dirty logging
+  uint64_t splits = 0;          // huge leaves split into 4K leaves
+  uint64_t tlb_flushes = 0;
+  uint64_t invalidations = 0;   // invalidate_range_start calls that found a memslot
+  uint64_t tables = 0;          // tables currently allocated
+};
+
+struct MmuOptions {
+  // Largest leaf the MMU may install (the host and the slot may allow less).
+  PgLevel max_level = PgLevel::k1G;
+  // Dirty bitmaps / rings. Optional: without it dirty logging still write-protects, but
+  // nothing records the dirty pages. Must outlive the Mmu.
+  DirtyLog* dirty = nullptr;
+  // Async page faults: the worker pool the vCPUs' queues use. Optional: without it NEEDS_IO
+  // always goes the synchronous way. Must outlive the Mmu.
+  AsyncPfWorkerPool* async_pf_pool = nullptr;
+  // Test hook: runs in page_fault after the pfn is resolved and before the MMU lock is taken
+  // (the window in which an invalidation can race the fault). Never on hot paths in production.
+  std::function<void(Gfn)> after_faultin_hook;
+};
+
+// Outcome of one page_fault (RET_PF_*), with the exit it produced, if any.
+enum class FaultResult : uint8_t { kFixed, kRetry, kExit, kAsync, kSpurious };
+std::string_view to_string(FaultResult result);
+
+// Lock order (outermost first); debug builds assert the MMU lock is not taken recursively:
+//   1. Memslots' slots lock (set_memory_region; listener callbacks run under it)
+//   2. the memslots read lock (SRCU: never blocks, may be held across everything below)
+//   3. Mmu::mmu_lock_ (installs, zaps, write protection, aging, vCPU registration)
+//   4. HostMm's own locks (page ops: put_page / set_page_dirty / host_mapping_level /
+//      page_address are called under mmu_lock_; the host must not hold them while calling
+//      notifiers) and DirtyLog's locks (mark dirty under mmu_lock_ or lock-free)
+// MmuNotifier callbacks run with the host's mapping lock held by the caller (mmap_lock) and
+// take 3; Mmu never calls into the host's mapping-changing operations.
+//
+// Concurrency contract: table walks (Vcpu accesses) are lock-free. After
+// invalidate_range_start returns, no leaf for the range exists and no vCPU is still using a
+// translation read before it (the "TLB flush" waits for vCPU accesses in flight). A fault whose
+// sequence snapshot predates an overlapping invalidation never installs.
+class Mmu final : public MmuNotifier, public MemslotListener, public DirtyWriteProtector {
+ public:
+  // Registers itself as slots' listener and mm's notifier (unregistered in the destructor).
+  Mmu(Memslots& slots, HostMm& mm, MmuOptions options = {});
+  ~Mmu() override;
+  Mmu(const Mmu&) = delete;
+  Mmu& operator=(const Mmu&) = delete;
+
+  Memslots& memslots() { return slots_; }
+  HostMm& host() { return mm_; }
+  DirtyLog* dirty() { return options_.dirty; }
+
+  // The fault handler (spec 8.3, 9): snapshot the invalidation sequence, faultin_pfn with
+  // NOWAIT, async or synchronous retry, retry check under the lock, install, release.
+  // `prefetch`: a page-ready re-run (never goes async, never exits for NEEDS_IO).
+  // On kExit, *exit holds the exit; on kAsync, exit->token the token.
+  FaultResult page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, VcpuExit* exit);
+
+  // ---- MmuNotifier (spec 8.2): registered with the HostMm.
+  void invalidate_range_start(Hva start, Hva end) override;
+  void invalidate_range_end(Hva start, Hva end) override;
+  bool clear_flush_young(Hva start, Hva end) override;
+  bool clear_young(Hva start, Hva end) override;
+  bool test_young(Hva start, Hva end) override;
+  void release() override;
+
+  // ---- MemslotListener (spec 7.4).
+  Result<void> prepare_memory_region(const Memslot* old_slot, const Memslot* new_slot,
+                                     MemslotChange change) override;
+  void flush_shadow_memslot(const Memslot& slot) override;
+  void commit_memory_region(const Memslot* old_slot, const Memslot* new_slot,
+                            MemslotChange change) override;
+
+  // ---- DirtyWriteProtector (the dirty layer calls it after harvesting; the Mmu registers
+  // itself with options.dirty). write_protect clears the writable bit of the leaves of
+  // base + i for every set bit i of mask (kvm_arch_mmu_enable_log_dirty_pt_masked), splitting
+  // huge leaves first. begin_batch/end_batch take and drop the MMU lock; flush_remote_tlbs
+  // flushes when something was write-protected.
+  void write_protect(const Memslot& slot, Gfn base, uint64_t mask) override;
+  void flush_remote_tlbs(const Memslot& slot) override;
+  void begin_batch() override;
+  void end_batch() override;
+  // Write-protects a whole slot and splits its huge leaves (dirty logging turned on).
+  uint64_t write_protect_slot(const Memslot& slot);
+  // Records a write to gfn by the vCPU (or, vcpu == nullptr, by the VMM through gfnmap) in the
+  // dirty log. Returns true when it left the vCPU's ring soft-full.
+  bool mark_page_dirty(Vcpu* vcpu, const Memslot& slot, Gfn gfn);
+
+  // ---- Invalidation state (mmu_invalidate_*), for tests and tools.
+  uint64_t invalidate_seq() const { return invalidate_seq_.load(std::memory_order_acquire); }
+  long invalidate_in_progress() const;
+  // [start, end) of the tracked gfn range; {kInvalid, kInvalid} when unset.
+  std::pair<uint64_t, uint64_t> invalidate_range() const;
+  static constexpr uint64_t kInvalidGfn = ~uint64_t{0};
+  // mmu_invalidate_retry_gfn(seq, gfn), taking the MMU lock.
+  bool invalidate_retry_gfn(uint64_t seq, Gfn gfn) const;
+
+  // ---- Table introspection (lock-free walks; tests and tools).
+  struct Leaf {
+    uint64_t spte = 0;  // 0 when no leaf maps gfn
+    PgLevel level = PgLevel::k4K;
+    Pfn pfn;                      // of gfn's 4K page
+    std::byte* host_ptr = nullptr;  // of gfn's 4K page
+  };
+  Leaf lookup(unsigned as_id, Gfn gfn) const;
+  // Number of 4K pages mapped in [start, end) (a huge leaf counts its pages in the range).
+  uint64_t count_mapped(unsigned as_id, Gfn start, Gfn end) const;
+  // Zaps everything (kvm_mmu_zap_all) and flushes.
+  void zap_all();
+  // Bytes of table metadata currently allocated (entries + pfn side arrays + bookkeeping).
+  uint64_t metadata_bytes() const;
+  MmuStats stats() const;
+
+  // ---- VMM accesses (kvm_read_guest / kvm_write_guest): through the table like a vCPU with
+  // id kVmmVcpuId, serialised; writes are logged in the dirty bitmap (never a ring).
+  VcpuExit read_guest(Gpa gpa, std::span<std::byte> out, unsigned as_id = 0);
+  VcpuExit write_guest(Gpa gpa, std::span<const std::byte> data, unsigned as_id = 0);
+  static constexpr uint32_t kVmmVcpuId = ~uint32_t{0};
+
+  struct Impl;
+
+ private:
+  friend class Vcpu;
+  void register_vcpu(Vcpu* vcpu);
+  void unregister_vcpu(Vcpu* vcpu);
+
+  Memslots& slots_;
+  HostMm& mm_;
+  MmuOptions options_;
+  std::unique_ptr<Impl> impl_;
+  std::atomic<uint64_t> invalidate_seq_{0};
+};
+
+// ---------------------------------------------------------------------------------------------
+// A software vCPU: accesses guest memory through the Mmu's table (lock-free on a hit), faults
+// on a miss, and stops with a KVM_RUN-like exit when an access cannot complete.
+//
+// One thread uses a Vcpu at a time (like a vCPU fd). The Vcpu must be destroyed before its Mmu.
+
+struct VcpuOptions {
+  unsigned as_id = 0;
+  // kvm_can_do_async_pf: NEEDS_IO may go async (needs Mmu's AsyncPf). Otherwise the fault
+  // retries synchronously with FOLL_INTERRUPTIBLE.
+  bool async_pf = false;
+  // How often an access re-runs a fault that returned kRetry before giving up with kIntr
+  // (a guest would spin forever; a library user wants control back). 0 = no limit.
+  uint32_t max_retries = 0;
+};
+
+class Vcpu {
+ public:
+  Vcpu(Mmu& mmu, uint32_t id, VcpuOptions options = {});
+  ~Vcpu();
+  Vcpu(const Vcpu&) = delete;
+  Vcpu& operator=(const Vcpu&) = delete;
+
+  uint32_t id() const { return id_; }
+  unsigned as_id() const { return options_.as_id; }
+  Mmu& mmu() { return mmu_; }
+  const VcpuOptions& options() const { return options_; }
+  VcpuMemslotCache& memslot_cache() { return memslot_cache_; }
+
+  // gpa -> host pointer for an access of `access` kind, faulting in as needed. On success
+  // t.host_ptr points at gpa's byte; it stays valid only until the next invalidation.
+  struct Translation {
+    VcpuExit exit;
+    std::byte* host_ptr = nullptr;
+    Pfn pfn;
+    PgLevel level = PgLevel::k4K;
+    uint64_t spte = 0;
+  };
+  Translation translate(Gpa gpa, Access access);
+  // kvm_mmu_do_page_fault for one gpa, without accessing it (tools and tests).
+  FaultResult fault(Gpa gpa, Access access, VcpuExit* exit);
+
+  // Byte ranges crossing pages and slots. Stops at the first byte that cannot be accessed and
+  // reports it in the exit (bytes_done tells how far it got).
+  VcpuExit read(Gpa gpa, std::span<std::byte> out);
+  VcpuExit write(Gpa gpa, std::span<const std::byte> data);
+  // Fixed-size helpers for workloads: one aligned access that does not cross a page.
+  VcpuExit read_u64(Gpa gpa, uint64_t* value);
+  VcpuExit write_u64(Gpa gpa, uint64_t value);
+
+  // Async PF: completed work -> re-run each fault as a prefetch, return "page ready" events
+  // (kvm_check_async_pf_completion). Not-present events come as exits.
+  std::vector<AsyncPfEvent> check_async_pf_completion();
+  // Blocks until at least one async PF of this vCPU completed, or timeout_ms passed (< 0:
+  // forever). Returns whether one completed. False at once without an async queue.
+  bool wait_async_pf(long timeout_ms = -1);
+  AsyncPfQueue* async_pf_queue() { return apf_.get(); }
+  // This vCPU's dirty ring (nullptr when the Mmu has no DirtyLog or rings are off).
+  DirtyRing* dirty_ring() const { return ring_; }
+
+  // The fault-side counters of this vCPU (same meaning as MmuStats).
+  struct Stats {
+    uint64_t accesses = 0;  // page-sized pieces of accesses
+    uint64_t faults = 0;
+    uint64_t fast_faults = 0;
+    uint64_t retries = 0;
+    uint64_t async = 0;
+  };
+  const Stats& stats() const { return stats_; }
+
+ private:
+  friend class Mmu;
+  friend struct Mmu::Impl;
+  // Runs fn(host_ptr, offset, n) on each page piece of [gpa, gpa + len) inside an access
+  // window; src is the written data (for MMIO exits), nullptr for reads.
+  template <class Fn>
+  VcpuExit access_range(Gpa gpa, uint64_t len, bool write, const std::byte* src, Fn&& fn);
+  VcpuExit handle_miss(Gpa gpa, bool write, uint64_t spte, uint64_t len_left,
+                       const std::byte* src, uint32_t* tries, bool* again);
+
+  Mmu& mmu_;
+  uint32_t id_;
+  VcpuOptions options_;
+  VcpuMemslotCache memslot_cache_;
+  Stats stats_;
+  // Odd while the vCPU is between reading a table entry and finishing the access that uses it
+  // ("in guest mode"); the TLB flush waits for it to move on.
+  std::atomic<uint64_t> access_seq_{0};
+  detail::SptNode* root_ = nullptr;  // the table of as_id
+  DirtyRing* ring_ = nullptr;
+  struct ApfClient;
+  std::unique_ptr<ApfClient> apf_client_;
+  std::unique_ptr<AsyncPfQueue> apf_;
+};
+
+}  // namespace gfnmap

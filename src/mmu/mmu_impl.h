@@ -1,0 +1,94 @@
+// gfnmap MMU, internal: Mmu::Impl (the MMU lock, the tables of every address space, the
+// invalidation state, registered vCPUs, retired tables) shared by mmu.cc and vcpu.cc.
+#pragma once
+
+#include <atomic>
+#include <cassert>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "gfnmap/mmu.h"
+#include "table.h"
+
+namespace gfnmap {
+
+struct Mmu::Impl {
+  explicit Impl(Mmu& mmu) : self(mmu) {}
+
+  Mmu& self;
+
+  // ---- The MMU lock (kvm->mmu_lock). Lock order: see mmu.h.
+  std::mutex lock;
+  std::atomic<std::thread::id> owner{};  // the holder, for the recursion/held assertions
+  bool held_by_me() const { return owner.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
+  void lock_mmu() {
+    assert(!held_by_me() && "MMU lock taken recursively (lock order, mmu.h)");
+    lock.lock();
+    owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
+  }
+  void unlock_mmu() {
+    assert(held_by_me());
+    owner.store(std::thread::id{}, std::memory_order_relaxed);
+    lock.unlock();
+  }
+  void assert_held() const { assert(held_by_me() && "MMU lock must be held"); }
+
+  // ---- Under the lock.
+  std::vector<detail::SptNode*> roots;  // one per address space, never replaced
+  long in_progress = 0;                 // mmu_invalidate_in_progress
+  uint64_t range_start = kInvalidGfn;   // mmu_invalidate_range_start/_end
+  uint64_t range_end = kInvalidGfn;
+  std::vector<Vcpu*> vcpus;
+  std::unordered_map<const void*, uint64_t> pfn_overflow;  // &node->e[i] -> pfn
+  // Unlinked but maybe still read by a vCPU in an access window: freed by the next flush.
+  std::vector<std::pair<detail::SptNode*, int>> retired_nodes;  // node, its level
+  std::vector<detail::SptScatter*> retired_scatter;
+  bool batch_locked = false;     // begin_batch took the lock
+  bool batch_needs_flush = false;
+
+  std::atomic<long> in_progress_pub{0};  // copy of in_progress for lock-free readers
+  std::atomic<uint64_t> nr_nodes{0};
+  std::atomic<uint64_t> nr_scatter{0};
+
+  // ---- Counters (relaxed).
+  struct Counters {
+    std::atomic<uint64_t> faults{0}, fast_faults{0}, nowait_hits{0}, slow_faults{0},
+        async_queued{0}, async_halts{0}, retries{0}, exits{0}, installs{0}, installs_2m{0},
+        installs_1g{0}, prefetches{0}, zapped{0}, write_protected{0}, splits{0},
+        tlb_flushes{0}, invalidations{0};
+  } c;
+  static void inc(std::atomic<uint64_t>& v, uint64_t n = 1) {
+    v.fetch_add(n, std::memory_order_relaxed);
+  }
+
+  // ---- VMM accesses (read_guest / write_guest).
+  std::mutex vmm_mutex;
+  std::unique_ptr<Vcpu> vmm_vcpu;
+
+  // ---- Table operations (mmu.cc). All require the lock.
+  struct ZapCtx {
+    bool flush = false;
+    uint64_t zapped = 0;
+  };
+  detail::SptNode* alloc_node();
+  void set_leaf_pfn(detail::SptNode* node, unsigned idx, uint64_t pfn, uint64_t* e);
+  uint64_t leaf_pfn(const detail::SptNode* node, unsigned idx, uint64_t e) const;
+  void drop_leaf(detail::SptNode* node, unsigned idx, uint64_t e);
+  void retire_subtree(detail::SptNode* node, int level, ZapCtx& ctx);
+  void zap_node(detail::SptNode* node, int level, uint64_t base, uint64_t start, uint64_t end,
+                ZapCtx& ctx);
+  void zap_range(unsigned as_id, uint64_t start, uint64_t end, ZapCtx& ctx);
+  detail::SptNode* split_leaf(detail::SptNode* node, unsigned idx, int level, bool write_protect);
+  template <class Fn>  // fn(node, idx, e, level, leaf_gfn) for every leaf overlapping [start,end)
+  void for_each_leaf(detail::SptNode* node, int level, uint64_t base, uint64_t start,
+                     uint64_t end, Fn& fn);
+  void flush(bool needed);
+  void free_retired();
+  bool retry_gfn(uint64_t mmu_seq, uint64_t gfn) const;
+};
+
+}  // namespace gfnmap

@@ -1,0 +1,235 @@
+// gfnmap MMU: the software vCPU. Guest accesses walk the second-level table lock-free inside an
+// access window, fix dirty-log write faults lock-free, and fault everything else in.
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "mmu_impl.h"
+
+namespace gfnmap {
+
+using detail::spt_leaf_ptr;
+using detail::spt_walk;
+
+// kvm_arch_async_page_*: a not-present event is always "injected" (the vCPU's user sees an
+// exit); page ready re-runs the fault as a prefetch on the vCPU's thread.
+struct Vcpu::ApfClient final : AsyncPfClient {
+  explicit ApfClient(Vcpu& v) : vcpu(v) {}
+  bool page_not_present(const AsyncPfWork&) override { return true; }
+  void page_ready(const AsyncPfWork& work) override {
+    VcpuExit ignored;
+    (void)vcpu.mmu_.page_fault(vcpu, work.cr2_or_gpa,
+                               (work.error_code & 1) ? Access::kWrite : Access::kRead,
+                               /*prefetch=*/true, &ignored);
+  }
+  Vcpu& vcpu;
+};
+
+Vcpu::Vcpu(Mmu& mmu, uint32_t id, VcpuOptions options) : mmu_(mmu), id_(id), options_(options) {
+  Mmu::Impl& im = *mmu_.impl_;
+  if (options_.as_id >= im.roots.size()) options_.as_id = 0;
+  root_ = im.roots[options_.as_id];
+  if (mmu_.options_.dirty != nullptr && id_ != Mmu::kVmmVcpuId) {
+    auto ring = mmu_.options_.dirty->create_vcpu(id_);
+    ring_ = ring.ok() ? *ring : mmu_.options_.dirty->vcpu_ring(id_);
+  }
+  if (options_.async_pf && mmu_.options_.async_pf_pool != nullptr && id_ != Mmu::kVmmVcpuId) {
+    apf_client_ = std::make_unique<ApfClient>(*this);
+    apf_ = std::make_unique<AsyncPfQueue>(*mmu_.options_.async_pf_pool, id_, apf_client_.get());
+  }
+  mmu_.register_vcpu(this);
+}
+
+Vcpu::~Vcpu() {
+  apf_.reset();
+  mmu_.unregister_vcpu(this);
+}
+
+// The slow side of an access: a fault, then either "try again" (*again) or an exit.
+VcpuExit Vcpu::handle_miss(Gpa gpa, bool write, uint64_t, uint64_t len_left,
+                           const std::byte* src, uint32_t* tries, bool* again) {
+  *again = false;
+  ++stats_.faults;
+  VcpuExit ex;
+  FaultResult r = mmu_.page_fault(*this, gpa, write ? Access::kWrite : Access::kRead,
+                                  /*prefetch=*/false, &ex);
+  switch (r) {
+    case FaultResult::kFixed:
+    case FaultResult::kSpurious:
+      *again = true;
+      return {};
+    case FaultResult::kRetry:
+      ++stats_.retries;
+      if (options_.max_retries != 0 && ++*tries > options_.max_retries) {
+        ex.reason = ExitReason::kIntr;
+        ex.error = EINTR;
+        ex.gpa = gpa;
+        return ex;
+      }
+      std::this_thread::yield();
+      *again = true;
+      return {};
+    case FaultResult::kAsync:
+      ++stats_.async;
+      ex.gpa = gpa;
+      return ex;
+    case FaultResult::kExit:
+      ex.gpa = gpa;
+      if (ex.reason == ExitReason::kMmio) {
+        ex.mmio.len = static_cast<uint32_t>(std::min<uint64_t>(len_left, 8));
+        ex.mmio.is_write = write;
+        if (write && src != nullptr) std::memcpy(ex.mmio.data.data(), src, ex.mmio.len);
+      }
+      return ex;
+  }
+  return ex;
+}
+
+template <class Fn>
+VcpuExit Vcpu::access_range(Gpa gpa, uint64_t len, bool write, const std::byte* src, Fn&& fn) {
+  VcpuExit ex;
+  if (ring_ != nullptr && ring_->soft_full()) {
+    ex.reason = ExitReason::kDirtyRingFull;
+    ex.gpa = gpa;
+    return ex;
+  }
+  const uint64_t need = write ? (spte::kPresent | spte::kWritable) : spte::kPresent;
+  const uint64_t ad = write ? (spte::kAccessed | spte::kDirty) : spte::kAccessed;
+  const bool vmm = id_ == Mmu::kVmmVcpuId;
+  uint64_t done = 0;
+  uint32_t tries = 0;
+  while (done < len) {
+    const Gpa cur = gpa + done;
+    const uint64_t off = cur.value & (kPageSize - 1);
+    const uint64_t n = std::min(len - done, kPageSize - off);
+    const uint64_t gfn = cur.value >> kPageShift;
+    uint64_t e = 0;
+    bool hit = false;
+    bool fixed_fast = false;
+    if (gfn < kMmuMaxGfn) {
+      // Access window: between reading the entry and the last use of its pointer.
+      const uint64_t s = access_seq_.load(std::memory_order_relaxed);
+      access_seq_.store(s + 1, std::memory_order_relaxed);
+      if (detail::g_vcpu_needs_fence) {
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+      } else {
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+      }
+      detail::SptWalk w = spt_walk(root_, gfn);
+      e = w.e;
+      if ((e & need) == need && !(e & spte::kTable)) {
+        hit = (e & ad) == ad ||
+              w.node->e[w.idx].compare_exchange_strong(e, e | ad, std::memory_order_relaxed);
+        if (hit) fn(spt_leaf_ptr(e, w.level, gfn) + off, done, n);
+      } else if (write && spte::is_dirty_log_protected(e)) {
+        // fast_page_fault: write-protected only for dirty logging; make it writable.
+        fixed_fast = w.node->e[w.idx].compare_exchange_strong(
+            e, e | spte::kWritable | spte::kAccessed | spte::kDirty, std::memory_order_relaxed);
+      }
+      access_seq_.store(s + 2, std::memory_order_release);
+    }
+    if (hit) {
+      done += n;
+      ++stats_.accesses;
+      tries = 0;
+      if (vmm && write) {
+        // kvm_write_guest: every write gfnmap makes for the VMM is logged.
+        MemslotsReadLock rl = mmu_.slots_.read_lock();
+        const Memslot* slot =
+            rl.set(options_.as_id).vcpu_gfn_to_memslot(memslot_cache_, Gfn(gfn));
+        if (slot != nullptr && !slot->invalid()) mmu_.mark_page_dirty(nullptr, *slot, Gfn(gfn));
+      }
+      continue;
+    }
+    if (fixed_fast) {
+      ++stats_.fast_faults;
+      Mmu::Impl::inc(mmu_.impl_->c.fast_faults);
+      MemslotsReadLock rl = mmu_.slots_.read_lock();
+      const Memslot* slot = rl.set(options_.as_id).vcpu_gfn_to_memslot(memslot_cache_, Gfn(gfn));
+      if (slot != nullptr && !slot->invalid()) mmu_.mark_page_dirty(this, *slot, Gfn(gfn));
+    } else if (e != 0 && (e & need) == need) {
+      continue;  // the A/D update raced with a change of the entry: walk again
+    } else {
+      bool again = false;
+      VcpuExit r = handle_miss(cur, write, e, len - done, src ? src + done : nullptr, &tries,
+                               &again);
+      if (!again) {
+        r.bytes_done = done;
+        return r;
+      }
+    }
+    if (ring_ != nullptr && ring_->soft_full()) {
+      // KVM_REQ_DIRTY_RING_SOFT_FULL: exit before the access is retried.
+      ex.reason = ExitReason::kDirtyRingFull;
+      ex.gpa = cur;
+      ex.bytes_done = done;
+      return ex;
+    }
+  }
+  ex.bytes_done = done;
+  return ex;
+}
+
+VcpuExit Vcpu::read(Gpa gpa, std::span<std::byte> out) {
+  std::byte* dst = out.data();
+  return access_range(gpa, out.size(), false, nullptr,
+                      [dst](std::byte* p, uint64_t at, uint64_t n) { std::memcpy(dst + at, p, n); });
+}
+
+VcpuExit Vcpu::write(Gpa gpa, std::span<const std::byte> data) {
+  const std::byte* src = data.data();
+  return access_range(gpa, data.size(), true, src,
+                      [src](std::byte* p, uint64_t at, uint64_t n) { std::memcpy(p, src + at, n); });
+}
+
+VcpuExit Vcpu::read_u64(Gpa gpa, uint64_t* value) {
+  return access_range(gpa, sizeof(uint64_t), false, nullptr,
+                      [value](std::byte* p, uint64_t at, uint64_t n) {
+                        std::memcpy(reinterpret_cast<std::byte*>(value) + at, p, n);
+                      });
+}
+
+VcpuExit Vcpu::write_u64(Gpa gpa, uint64_t value) {
+  const auto* src = reinterpret_cast<const std::byte*>(&value);
+  return access_range(gpa, sizeof(uint64_t), true, src,
+                      [src](std::byte* p, uint64_t at, uint64_t n) { std::memcpy(p, src + at, n); });
+}
+
+Vcpu::Translation Vcpu::translate(Gpa gpa, Access access) {
+  Translation t;
+  t.exit = access_range(gpa, 1, access == Access::kWrite, nullptr,
+                        [](std::byte*, uint64_t, uint64_t) {});
+  if (!t.exit.ok()) return t;
+  Mmu::Leaf leaf = mmu_.lookup(options_.as_id, gpa_to_gfn(gpa));
+  if (leaf.spte == 0) {
+    // Zapped between the access and the lookup: report what a retry would.
+    t.exit.reason = ExitReason::kIntr;
+    t.exit.error = EAGAIN;
+    t.exit.gpa = gpa;
+    return t;
+  }
+  t.host_ptr = leaf.host_ptr + (gpa.value & (kPageSize - 1));
+  t.pfn = leaf.pfn;
+  t.level = leaf.level;
+  t.spte = leaf.spte;
+  return t;
+}
+
+FaultResult Vcpu::fault(Gpa gpa, Access access, VcpuExit* exit) {
+  ++stats_.faults;
+  return mmu_.page_fault(*this, gpa, access, /*prefetch=*/false, exit);
+}
+
+std::vector<AsyncPfEvent> Vcpu::check_async_pf_completion() {
+  if (!apf_) return {};
+  apf_->check_completion();
+  return apf_->take_events();
+}
+
+bool Vcpu::wait_async_pf(long timeout_ms) {
+  if (!apf_) return false;
+  return apf_->wait_for_completion(timeout_ms);
+}
+
+}  // namespace gfnmap

@@ -1,0 +1,493 @@
+// gfnmap tests: LinuxHost through the HostMm interface on real memory (fast/slow/remapped paths,
+// host events, mapping levels, pfns, bad input), and the kernel facts it relies on.
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "gfnmap/linux_host.h"
+#include "host_linux/test_util.h"
+
+namespace gfnmap {
+namespace {
+
+using testing::hva_bytes;
+using testing::RecordingNotifier;
+using testing::TempFile;
+
+constexpr uint64_t k2M = 2ull << 20;
+
+class LinuxHostTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto h = LinuxHost::create();
+    ASSERT_TRUE(h.ok()) << error_to_string(h.error());
+    host = std::move(*h);
+    host->register_notifier(&notifier);
+  }
+  void TearDown() override {
+    EXPECT_EQ(host->outstanding_refs(), 0u) << "every reference handed out must be put";
+    EXPECT_EQ(host->stats().bad_puts, 0u);
+    host->unregister_notifier(&notifier);
+  }
+  RegionInfo make(RegionKind kind, uint64_t size, int prot = PROT_READ | PROT_WRITE, int fd = -1) {
+    RegionSpec spec;
+    spec.kind = kind;
+    spec.size = size;
+    spec.prot = prot;
+    spec.fd = fd;
+    auto r = host->create_region(spec);
+    EXPECT_TRUE(r.ok()) << error_to_string(r.error());
+    return r.ok() ? *r : RegionInfo{};
+  }
+  long gup(Hva hva, FollFlags flags, Page* page) {
+    return host->get_user_pages_unlocked(hva, flags | kFollHwpoison, page);
+  }
+  std::unique_ptr<LinuxHost> host;
+  RecordingNotifier notifier;
+};
+
+TEST_F(LinuxHostTest, Row07_SlowWriteFaultThenRow05_FastHit) {
+  RegionInfo r = make(RegionKind::kAnonymous, 16 * kPageSize);
+  Page page;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &page));
+  ASSERT_EQ(gup(r.start, kFollWrite, &page), 1);
+  EXPECT_EQ(page.mm, host.get());
+  EXPECT_EQ(page.hva, r.start);
+  EXPECT_FALSE(page.pinned);
+  EXPECT_EQ(host->outstanding_refs(), 1u);
+  Page fast;
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start + 100, kFollWrite, &fast));
+  EXPECT_EQ(fast.pfn, page.pfn);
+  EXPECT_EQ(host->outstanding_refs(), 2u);
+  host->put_page(page);
+  host->put_page(fast);
+  // The page really is populated and writable through the hva.
+  hva_bytes(r.start)[0] = 42;
+  EXPECT_EQ(hva_bytes(r.start)[0], 42);
+  Page pinned;
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite | kFollPin, &pinned));
+  EXPECT_TRUE(pinned.pinned);
+  host->put_page(pinned);
+}
+
+TEST_F(LinuxHostTest, Row09_ReadOfUntouchedAnonMapsZeroPageNotWritable) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start, 0, &page), 1);
+  Page up;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
+      << "the shared zero page must not be handed out for writing";
+  // A write breaks CoW: a new page, now writable.
+  Page w;
+  ASSERT_EQ(gup(r.start, kFollWrite, &w), 1);
+  if (host->pfns_are_physical()) {
+    EXPECT_NE(w.pfn, page.pfn) << "CoW gives a new frame";
+  }
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite, &up));
+  host->put_page(up);
+  host->put_page(w);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, Row08_ReadOfWrittenAnonPageIsWritable) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  std::memset(hva_bytes(r.start), 7, kPageSize);  // written behind LinuxHost's back
+  Page page;
+  ASSERT_EQ(gup(r.start, 0, &page), 1);
+  Page up;
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
+      << "an exclusive, written anonymous page has a writable PTE";
+  EXPECT_EQ(up.pfn, page.pfn);
+  host->put_page(up);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, PfnComesFromPagemapWhenReadable) {
+  RegionInfo r = make(RegionKind::kAnonymous, 2 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start, kFollWrite, &page), 1);
+  if (host->pfns_are_physical()) {
+    EXPECT_NE(page.pfn.value, r.start.value >> kPageShift);
+    EXPECT_NE(page.pfn.value, 0u);
+  } else {
+    EXPECT_EQ(page.pfn.value, r.start.value >> kPageShift);
+  }
+  EXPECT_FALSE(is_error_noslot_pfn(page.pfn));
+  host->put_page(page);
+  auto virt = LinuxHost::create(LinuxHost::Options{PfnSource::kVirtual});
+  ASSERT_TRUE(virt.ok());
+  EXPECT_FALSE((*virt)->pfns_are_physical());
+}
+
+TEST_F(LinuxHostTest, Row07_CowOfPrivateFilePage) {
+  TempFile f(8 * kPageSize, 0x5a);
+  ASSERT_GE(f.fd, 0);
+  RegionInfo r = make(RegionKind::kFilePrivate, 8 * kPageSize, PROT_READ | PROT_WRITE, f.fd);
+  Page rd;
+  ASSERT_EQ(gup(r.start, 0, &rd), 1);
+  Page up;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
+      << "a private file page read maps the page cache page read-only";
+  Page wr;
+  ASSERT_EQ(gup(r.start, kFollWrite, &wr), 1);
+  if (host->pfns_are_physical()) {
+    EXPECT_NE(wr.pfn, rd.pfn) << "write breaks CoW";
+  }
+  hva_bytes(r.start)[1] = 1;
+  unsigned char b = 0;
+  ASSERT_EQ(pread(f.fd, &b, 1, 1), 1);
+  EXPECT_EQ(b, 0x5a) << "the file is untouched";
+  host->put_page(rd);
+  host->put_page(wr);
+}
+
+TEST_F(LinuxHostTest, MemfdSharedReadMapsWritable) {
+  RegionInfo r = make(RegionKind::kMemfdShared, 4 * kPageSize);
+  EXPECT_TRUE(r.vm_flags & kVmShared);
+  Page rd;
+  ASSERT_EQ(gup(r.start, 0, &rd), 1);
+  Page up;
+  EXPECT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
+      << "shmem read faults map a writable PTE";
+  host->put_page(up);
+  host->put_page(rd);
+}
+
+TEST_F(LinuxHostTest, Row15_ProtReadMappingRefusesWrites) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize, PROT_READ);
+  auto vma = host->vma_lookup(r.start);
+  ASSERT_TRUE(vma);
+  EXPECT_TRUE(vma->vm_flags & kVmRead);
+  EXPECT_FALSE(vma->vm_flags & kVmWrite);
+  Page page;
+  EXPECT_EQ(gup(r.start, kFollWrite, &page), -EFAULT);
+  ASSERT_EQ(gup(r.start, 0, &page), 1);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, Row15_ProtectRaisesInvalidationAndSplitsRegion) {
+  RegionInfo r = make(RegionKind::kAnonymous, 8 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start + 2 * kPageSize, kFollWrite, &page), 1);
+  host->put_page(page);
+  ASSERT_TRUE(host->protect(r.start + 2 * kPageSize, 2 * kPageSize, PROT_READ).ok());
+  EXPECT_TRUE(notifier.covered(r.start.value + 2 * kPageSize));
+  EXPECT_EQ(notifier.nr_starts(), notifier.nr_ends());
+  EXPECT_EQ(notifier.in_progress, 0);
+  EXPECT_EQ(host->regions().size(), 3u);
+  Page fast;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start + 2 * kPageSize, kFollWrite, &fast))
+      << "the invalidation cleared the fast-path state";
+  EXPECT_EQ(gup(r.start + 2 * kPageSize, kFollWrite, &page), -EFAULT);
+  ASSERT_TRUE(host->protect(r.start + 2 * kPageSize, 2 * kPageSize, PROT_NONE).ok());
+  EXPECT_EQ(gup(r.start + 2 * kPageSize, 0, &page), -EFAULT);
+  auto vma = host->vma_lookup(r.start + 3 * kPageSize);
+  ASSERT_TRUE(vma);
+  EXPECT_EQ(vma->vm_flags & (kVmRead | kVmWrite), 0u);
+  EXPECT_EQ(vma->start, r.start + 2 * kPageSize);
+  EXPECT_EQ(vma->end, r.start + 4 * kPageSize);
+}
+
+TEST_F(LinuxHostTest, Row13_NoMappingIsNoVma) {
+  Page page;
+  Hva nowhere(0x10000);
+  EXPECT_FALSE(host->vma_lookup(nowhere));
+  EXPECT_EQ(gup(nowhere, 0, &page), -EFAULT);
+  EXPECT_FALSE(host->get_user_page_fast_only(nowhere, kFollWrite, &page));
+  EXPECT_EQ(host->page_address(Pfn(1), nowhere), nullptr);
+}
+
+TEST_F(LinuxHostTest, UnmapRaisesInvalidationAndLeavesNoVma) {
+  RegionInfo r = make(RegionKind::kAnonymous, 8 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start + kPageSize, kFollWrite, &page), 1);
+  host->put_page(page);
+  ASSERT_TRUE(host->unmap(r.start, 4 * kPageSize).ok());
+  EXPECT_TRUE(notifier.covered(r.start.value + kPageSize));
+  EXPECT_EQ(notifier.in_progress, 0);
+  EXPECT_FALSE(host->vma_lookup(r.start + kPageSize));
+  EXPECT_EQ(gup(r.start + kPageSize, 0, &page), -EFAULT);
+  ASSERT_TRUE(host->vma_lookup(r.start + 4 * kPageSize));
+  ASSERT_EQ(gup(r.start + 4 * kPageSize, kFollWrite, &page), 1);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, PutAfterUnmapStillBalances) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start, kFollWrite, &page), 1);
+  ASSERT_TRUE(host->unmap(r.start, 4 * kPageSize).ok());
+  EXPECT_EQ(host->outstanding_refs(), 1u);
+  host->put_page(page);
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+}
+
+TEST_F(LinuxHostTest, DiscardZapsContentAndFastState) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start, kFollWrite, &page), 1);
+  host->put_page(page);
+  hva_bytes(r.start)[0] = 9;
+  ASSERT_TRUE(host->discard(r.start, kPageSize).ok());
+  EXPECT_TRUE(notifier.covered(r.start.value));
+  Page fast;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &fast));
+  EXPECT_EQ(hva_bytes(r.start)[0], 0) << "MADV_DONTNEED on private anon reads as zero";
+}
+
+TEST_F(LinuxHostTest, DiscardOfMemfdUsesRemove) {
+  RegionInfo r = make(RegionKind::kMemfdShared, 4 * kPageSize);
+  hva_bytes(r.start)[0] = 9;
+  ASSERT_TRUE(host->discard(r.start, kPageSize).ok());
+  EXPECT_EQ(hva_bytes(r.start)[0], 0) << "MADV_REMOVE punches the shmem page";
+}
+
+TEST_F(LinuxHostTest, RemapGivesFreshMemoryAndInvalidates) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  hva_bytes(r.start)[0] = 3;
+  Page page;
+  ASSERT_EQ(gup(r.start, kFollWrite, &page), 1);
+  host->put_page(page);
+  size_t before = notifier.nr_starts();
+  ASSERT_TRUE(host->remap(r.start, 4 * kPageSize).ok());
+  EXPECT_GT(notifier.nr_starts(), before);
+  EXPECT_EQ(hva_bytes(r.start)[0], 0);
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &page));
+}
+
+TEST_F(LinuxHostTest, Row21_DeviceMemoryIsPfnmapAndNeverRefcounted) {
+  RegionInfo r = make(RegionKind::kDevice, 4 * kPageSize);
+  auto vma = host->vma_lookup(r.start);
+  ASSERT_TRUE(vma);
+  EXPECT_EQ(vma->vm_flags & (kVmIo | kVmPfnmap), kVmIo | kVmPfnmap);
+  Page page;
+  EXPECT_EQ(gup(r.start, 0, &page), -EFAULT) << "GUP refuses VM_IO|VM_PFNMAP";
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &page));
+  host->mmap_read_lock();
+  PfnmapPte pte;
+  EXPECT_EQ(host->follow_pfnmap(r.start, &pte), -ENOENT);
+  bool unlocked = true;
+  EXPECT_EQ(host->fixup_user_fault(r.start, true, &unlocked), 0);
+  EXPECT_FALSE(unlocked);
+  ASSERT_EQ(host->follow_pfnmap(r.start, &pte), 0);
+  EXPECT_TRUE(pte.writable);
+  EXPECT_FALSE(host->pfn_to_refcounted_page(pte.pfn, r.start));
+  host->mmap_read_unlock();
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+  // Not a PFNMAP VMA: -EINVAL.
+  RegionInfo anon = make(RegionKind::kAnonymous, kPageSize);
+  host->mmap_read_lock();
+  EXPECT_EQ(host->follow_pfnmap(anon.start, &pte), -EINVAL);
+  host->mmap_read_unlock();
+}
+
+TEST_F(LinuxHostTest, Row20_ReadOnlyDevicePte) {
+  RegionInfo r = make(RegionKind::kDevice, 2 * kPageSize, PROT_READ);
+  host->mmap_read_lock();
+  bool unlocked = false;
+  EXPECT_EQ(host->fixup_user_fault(r.start, true, &unlocked), -EFAULT);
+  EXPECT_EQ(host->fixup_user_fault(r.start, false, &unlocked), 0);
+  PfnmapPte pte;
+  ASSERT_EQ(host->follow_pfnmap(r.start, &pte), 0);
+  EXPECT_FALSE(pte.writable);
+  host->mmap_read_unlock();
+}
+
+TEST_F(LinuxHostTest, Row14_NowaitOnFilePageNotInPageCache) {
+  TempFile f(16 * kPageSize, 1);
+  ASSERT_GE(f.fd, 0);
+  ASSERT_EQ(fdatasync(f.fd), 0);
+  ASSERT_EQ(posix_fadvise(f.fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  RegionInfo r = make(RegionKind::kFileShared, 16 * kPageSize, PROT_READ | PROT_WRITE, f.fd);
+  unsigned char v = 1;
+  ASSERT_EQ(mincore(testing::hva_ptr(r.start + 5 * kPageSize), kPageSize, &v), 0);
+  if (v & 1) GTEST_SKIP() << "the file page stayed in the page cache; cannot test NOWAIT";
+  Page page;
+  EXPECT_EQ(gup(r.start + 5 * kPageSize, kFollNowait, &page), 0)
+      << "NOWAIT must not wait for file I/O";
+  EXPECT_EQ(host->stats().nowait_needs_io, 1u);
+  ASSERT_EQ(gup(r.start + 5 * kPageSize, 0, &page), 1) << "the synchronous retry reads it";
+  EXPECT_EQ(hva_bytes(r.start + 5 * kPageSize)[0], 5);
+  host->put_page(page);
+  // Anonymous memory never needs I/O: NOWAIT faults it in.
+  RegionInfo anon = make(RegionKind::kAnonymous, kPageSize);
+  ASSERT_EQ(gup(anon.start, kFollNowait | kFollWrite, &page), 1);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, FileSharedWriteReachesTheFile) {
+  TempFile f(4 * kPageSize, 0);
+  RegionInfo r = make(RegionKind::kFileShared, 4 * kPageSize, PROT_READ | PROT_WRITE, f.fd);
+  Page page;
+  ASSERT_EQ(gup(r.start + kPageSize, kFollWrite, &page), 1);
+  host->page_address(page.pfn, page.hva)[7] = std::byte{0x77};
+  host->set_page_dirty(page);
+  host->put_page(page);
+  unsigned char b = 0;
+  ASSERT_EQ(pread(f.fd, &b, 1, kPageSize + 7), 1);
+  EXPECT_EQ(b, 0x77);
+}
+
+TEST_F(LinuxHostTest, ThpMappingLevelIs2M) {
+  RegionInfo r = make(RegionKind::kThp, 4 * k2M);
+  const Hva block((r.start.value + k2M - 1) & ~(k2M - 1));
+  Page page;
+  ASSERT_EQ(gup(block + 5 * kPageSize, kFollWrite, &page), 1);
+  host->put_page(page);
+  if (host->host_mapping_level(block) != PgLevel::k2M) {
+    GTEST_SKIP() << "no THP was allocated for the 2M block (THP disabled or fragmented memory)";
+  }
+  // The whole block is present now: a neighbour hits the fast path.
+  Page fast;
+  ASSERT_TRUE(host->get_user_page_fast_only(block + 300 * kPageSize, kFollWrite, &fast));
+  if (host->pfns_are_physical()) {
+    EXPECT_EQ(fast.pfn.value, page.pfn.value - 5 + 300);
+  }
+  host->put_page(fast);
+  RegionInfo small = make(RegionKind::kAnonymous, 4 * k2M);
+  const Hva sblock((small.start.value + k2M - 1) & ~(k2M - 1));
+  ASSERT_EQ(gup(sblock, kFollWrite, &page), 1);
+  host->put_page(page);
+  EXPECT_EQ(host->host_mapping_level(sblock), PgLevel::k4K) << "MADV_NOHUGEPAGE region";
+}
+
+TEST_F(LinuxHostTest, HugetlbNeedsAPool) {
+  RegionSpec spec;
+  spec.kind = RegionKind::kHugetlb2M;
+  spec.size = k2M;
+  auto r = host->create_region(spec);
+  if (!r.ok()) {
+    EXPECT_NE(r.error().message.find("hugetlb"), std::string::npos);
+    GTEST_SKIP() << "hugetlb pool is empty: " << error_to_string(r.error());
+  }
+  Page page;
+  ASSERT_EQ(gup(r->start, kFollWrite, &page), 1);
+  EXPECT_EQ(host->host_mapping_level(r->start), PgLevel::k2M);
+  host->put_page(page);
+}
+
+TEST_F(LinuxHostTest, RegisterExistingMapping) {
+  void* p = mmap(nullptr, 8 * kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
+  ASSERT_NE(p, MAP_FAILED);
+  RegionSpec spec;
+  spec.kind = RegionKind::kAnonymous;
+  spec.addr = Hva(reinterpret_cast<uint64_t>(p));
+  spec.size = 8 * kPageSize;
+  auto r = host->register_region(spec);
+  ASSERT_TRUE(r.ok()) << error_to_string(r.error());
+  EXPECT_FALSE(r->owned);
+  Page page;
+  ASSERT_EQ(gup(spec.addr, kFollWrite, &page), 1);
+  host->put_page(page);
+  ASSERT_TRUE(host->unregister_region(spec.addr).ok());
+  EXPECT_FALSE(host->vma_lookup(spec.addr));
+  static_cast<char*>(p)[0] = 1;  // still mapped: LinuxHost did not own it
+  munmap(p, 8 * kPageSize);
+}
+
+TEST_F(LinuxHostTest, BadInputGivesClearErrors) {
+  RegionInfo r = make(RegionKind::kAnonymous, 8 * kPageSize);
+  RegionSpec spec;
+  spec.kind = RegionKind::kAnonymous;
+  spec.addr = r.start + 1;
+  spec.size = kPageSize;
+  EXPECT_EQ(host->register_region(spec).code(), EINVAL) << "unaligned";
+  spec.addr = r.start + kPageSize;
+  auto overlap = host->register_region(spec);
+  EXPECT_EQ(overlap.code(), EEXIST) << "overlapping registration";
+  EXPECT_NE(overlap.error().message.find("overlaps"), std::string::npos);
+  spec.size = 0;
+  EXPECT_EQ(host->register_region(spec).code(), EINVAL) << "empty";
+  // An unmapped range.
+  void* p = mmap(nullptr, kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  munmap(p, kPageSize);
+  spec.addr = Hva(reinterpret_cast<uint64_t>(p));
+  spec.size = kPageSize;
+  EXPECT_EQ(host->register_region(spec).code(), EFAULT);
+  // A closed file.
+  int fd = open("/dev/null", O_RDONLY);
+  close(fd);
+  RegionSpec file;
+  file.kind = RegionKind::kFileShared;
+  file.size = kPageSize;
+  file.fd = fd;
+  auto closed = host->create_region(file);
+  EXPECT_EQ(closed.code(), EBADF);
+  file.fd = -1;
+  EXPECT_EQ(host->create_region(file).code(), EBADF);
+  RegionSpec zero;
+  zero.size = 0;
+  EXPECT_EQ(host->create_region(zero).code(), EINVAL);
+  zero.size = kPageSize;
+  zero.prot = 0x100;
+  EXPECT_EQ(host->create_region(zero).code(), EINVAL);
+  EXPECT_EQ(host->discard(r.start + 1, kPageSize).code(), EINVAL);
+  EXPECT_EQ(host->discard(Hva(0x10000), kPageSize).code(), EINVAL);
+  EXPECT_EQ(host->protect(r.start, 3, PROT_READ).code(), EINVAL);
+  EXPECT_EQ(host->unmap(r.start, 0).code(), EINVAL);
+  EXPECT_EQ(host->poison(r.start, kPageSize).code(), EINVAL) << "poison needs a lazy region";
+  EXPECT_EQ(host->unregister_region(r.start + kPageSize).code(), ENOENT);
+  Page page;
+  EXPECT_EQ(host->get_user_pages_unlocked(r.start, kFollWrite, nullptr), -EFAULT);
+  Page foreign{reinterpret_cast<HostMm*>(&spec), Pfn(1), r.start, false};
+  host->put_page(foreign);
+  EXPECT_EQ(host->stats().bad_puts, 1u);
+  host->put_page(Page{host.get(), Pfn(1), r.start, false});  // never handed out
+  EXPECT_EQ(host->stats().bad_puts, 2u);
+  // Reset the counter expectation of TearDown: this test made bad puts on purpose.
+  auto fresh = LinuxHost::create();
+  ASSERT_TRUE(fresh.ok());
+  host->unregister_notifier(&notifier);
+  host = std::move(*fresh);
+  host->register_notifier(&notifier);
+  (void)page;
+}
+
+TEST_F(LinuxHostTest, Invariant10_SignalPendingSeesBlockedSignals) {
+  sigset_t set, old;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR2);
+  ASSERT_EQ(pthread_sigmask(SIG_BLOCK, &set, &old), 0);
+  EXPECT_FALSE(host->signal_pending());
+  pthread_kill(pthread_self(), SIGUSR2);
+  EXPECT_TRUE(host->signal_pending());
+  EXPECT_FALSE(host->fatal_signal_pending());
+  // A pending signal does not stop a fault that need not wait (the kernel checks signals only
+  // while waiting).
+  RegionInfo r = make(RegionKind::kAnonymous, kPageSize);
+  Page page;
+  ASSERT_EQ(gup(r.start, kFollWrite | kFollInterruptible, &page), 1);
+  host->put_page(page);
+  timespec zero{0, 0};
+  EXPECT_EQ(sigtimedwait(&set, nullptr, &zero), SIGUSR2);
+  EXPECT_FALSE(host->signal_pending());
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+// The errnos MADV_POPULATE_* gives on this kernel (MACHINE.md), which the slow path classifies.
+TEST(LinuxKernelFacts, MadvPopulateErrnos) {
+  void* ro = mmap(nullptr, kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(ro, MAP_FAILED);
+  EXPECT_EQ(madvise(ro, kPageSize, MADV_POPULATE_WRITE), -1);
+  EXPECT_EQ(errno, EINVAL) << "write to PROT_READ";
+  EXPECT_EQ(madvise(ro, kPageSize, MADV_POPULATE_READ), 0);
+  mprotect(ro, kPageSize, PROT_NONE);
+  EXPECT_EQ(madvise(ro, kPageSize, MADV_POPULATE_READ), -1);
+  EXPECT_EQ(errno, EINVAL) << "PROT_NONE";
+  munmap(ro, kPageSize);
+  EXPECT_EQ(madvise(ro, kPageSize, MADV_POPULATE_READ), -1);
+  EXPECT_EQ(errno, ENOMEM) << "unmapped";
+}
+
+}  // namespace
+}  // namespace gfnmap

@@ -52,6 +52,7 @@ struct UserspaceMemoryRegion {
   uint64_t guest_phys_addr = 0;
   uint64_t memory_size = 0;  // bytes; 0 deletes the slot
   uint64_t userspace_addr = 0;
+  uint64_t guest_memfd_offset = 0;  // REGION2 only; checked only with kMemGuestMemfd
 };
 
 enum class MemslotChange { kCreate, kDelete, kMove, kFlagsOnly };
@@ -69,7 +70,12 @@ struct MemslotsConfig {
 };
 
 // Called by Memslots while it holds its slots lock (KVM's arch hooks). Pointers passed in are
-// valid only during the call. Listeners must not call set_memory_region.
+// valid only during the call. Listeners must not call set_memory_region (it returns EDEADLK).
+// Order for one change (docs/memslots.md): DELETE/MOVE: [swap to INVALID copy] memslots_updated,
+// flush_shadow_memslot, prepare, [swap] memslots_updated, commit. CREATE/FLAGS_ONLY: prepare,
+// [swap] memslots_updated, commit. The first failing prepare aborts the change; later listeners'
+// prepare is not called and no listener is told of the abort except through memslots_updated of
+// the swap that un-publishes the INVALID copy.
 class MemslotListener {
  public:
   virtual ~MemslotListener() = default;
@@ -78,11 +84,15 @@ class MemslotListener {
                                              MemslotChange change);
   // kvm_arch_flush_shadow_memslot: DELETE/MOVE, after the INVALID copy of the old slot is
   // published and before the new slot set is installed. Must zap every mapping of `slot`.
+  // `slot` is the published INVALID copy (flags include kMemslotInvalid; KVM passes the
+  // original, which has the same id and ranges).
   virtual void flush_shadow_memslot(const Memslot& slot);
   // kvm_arch_commit_memory_region: after the new set is active.
   virtual void commit_memory_region(const Memslot* old_slot, const Memslot* new_slot,
                                     MemslotChange change);
-  // kvm_arch_memslots_updated: after every swap of an address space's active set.
+  // kvm_arch_memslots_updated: after every swap of an address space's active set, once every
+  // reader of the old set has left. `generation` is the new one; as in KVM the active set still
+  // shows it with kMemslotGenUpdateInProgress set during this call (Memslots::generation).
   virtual void memslots_updated(unsigned as_id, uint64_t generation);
 };
 
@@ -94,12 +104,15 @@ struct VcpuMemslotCache {
 };
 
 // One address space's published slot set. Immutable once published, except for the VM-wide
-// last-used-slot cache. Slot pointers stay valid while the read lock that produced the set
-// is held.
+// last-used-slot cache and the generation, which is published with
+// kMemslotGenUpdateInProgress set and made final (old + nr_address_spaces) once every reader of
+// the previous set has left (spec 7.3). Slot pointers stay valid while the read lock that
+// produced the set is held. INVALID slots (DELETE/MOVE windows) are members: lookups return
+// them and the gfn -> hva helpers turn them into KVM_HVA_ERR_BAD.
 class MemslotSet {
  public:
   unsigned as_id() const { return as_id_; }
-  uint64_t generation() const { return generation_; }
+  uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
   size_t size() const { return by_gfn_.size(); }
   std::span<const Memslot> slots() const { return by_gfn_; }  // sorted by base_gfn
 
@@ -114,7 +127,8 @@ class MemslotSet {
   const Memslot* vcpu_gfn_to_memslot(VcpuMemslotCache& cache, Gfn gfn) const;
   // kvm_is_visible_gfn: in a slot with id < nr_user_slots that is not INVALID.
   bool is_visible_gfn(Gfn gfn) const;
-  // Calls fn for every slot whose hva range intersects [start, end), for MMU notifiers.
+  // Calls fn once for every slot whose hva range intersects [start, end), for MMU notifiers,
+  // in O(log n + k) even when slots share hvas. The order of the calls is unspecified.
   void for_each_hva_overlap(Hva start, Hva end, FunctionRef<void(const Memslot&)> fn) const;
 
   struct Impl;  // implementation detail of memslot/
@@ -124,14 +138,35 @@ class MemslotSet {
   friend struct Impl;
   MemslotSet() = default;
 
+  // An hva range [start, end) of slot by_gfn_[index].
+  struct HvaRange {
+    uint64_t start;
+    uint64_t end;
+    uint32_t index;
+  };
+  // A node of the centered interval tree over hva_rest_: ranges holding `center`, stored at
+  // [begin, begin + count) of hva_node_by_start_ (ascending start) and hva_node_by_end_
+  // (descending end); children hold ranges wholly below / above center. -1: no child.
+  struct HvaNode {
+    uint64_t center;
+    uint32_t begin;
+    uint32_t count;
+    int32_t left;
+    int32_t right;
+  };
+
   unsigned as_id_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   uint32_t nr_user_slots_ = kUserMemSlots;
-  std::vector<Memslot> by_gfn_;          // sorted by base_gfn, no overlaps (but INVALID ones)
-  std::vector<uint64_t> base_gfns_;      // by_gfn_[i].base_gfn, for a cache-friendly search
-  std::vector<uint32_t> by_id_;          // id -> index + 1 into by_gfn_, 0 when absent
-  std::vector<uint32_t> by_hva_;         // indexes sorted by userspace_addr
-  std::vector<uint64_t> hva_end_max_;    // running max of hva_end over by_hva_ order
+  std::vector<Memslot> by_gfn_;       // sorted by base_gfn, no overlaps
+  std::vector<uint64_t> base_gfns_;   // by_gfn_[i].base_gfn, for a cache-friendly search
+  std::vector<uint32_t> by_id_;       // id -> index + 1 into by_gfn_, 0 when absent
+  std::vector<HvaRange> hva_by_start_;  // every slot, sorted by (start, id); index = slot id
+  std::vector<HvaRange> hva_chain_;   // pairwise disjoint ranges, sorted (greedy by start)
+  std::vector<HvaRange> hva_rest_;    // the others (slots sharing hvas), sorted by start
+  std::vector<HvaNode> hva_nodes_;    // centered interval tree over hva_rest_, root at 0
+  std::vector<HvaRange> hva_node_by_start_;
+  std::vector<HvaRange> hva_node_by_end_;
   mutable std::atomic<const Memslot*> last_used_slot_{nullptr};
 };
 
@@ -147,15 +182,20 @@ class [[nodiscard]] MemslotsReadLock {
   MemslotsReadLock& operator=(MemslotsReadLock&&) = delete;
   ~MemslotsReadLock();
 
-  // Precondition: as_id < nr_address_spaces.
+  // as_id >= nr_address_spaces gives an empty set (generation kMemslotGenUpdateInProgress).
+  // Successive calls may return newer sets; each stays valid until this section ends.
   const MemslotSet& set(unsigned as_id = 0) const;
 
  private:
   friend class Memslots;
   MemslotsReadLock(const Memslots* owner, unsigned idx) : owner_(owner), idx_(idx) {}
-  const Memslots* owner_;
-  unsigned idx_;
+  const Memslots* owner_;  // nullptr once moved from
+  unsigned idx_;           // SRCU counter: stripe * 2 + epoch
 };
+
+namespace detail {
+struct MemslotsTestPeer;  // tests only: reaches state no public call can (page-total overflow)
+}
 
 // The VM's memslots (kvm->memslots[], slots_lock, the swap protocol). Thread safety: any
 // number of readers concurrently with one writer at a time (writers serialise internally).
@@ -166,17 +206,22 @@ class Memslots {
   Memslots(const Memslots&) = delete;
   Memslots& operator=(const Memslots&) = delete;
 
+  // The config in force: nr_address_spaces clamped to 1..2, nr_user_slots to 1..kMemSlotsNum.
   const MemslotsConfig& config() const { return config_; }
 
   // KVM_SET_USER_MEMORY_REGION(2): checks in KVM's order with KVM's errno for each (spec 7.4).
   // Returns the change made, or nullopt for the no-op modify (which returns 0 in KVM).
   // DELETE and MOVE first publish the old slot marked INVALID and call flush_shadow_memslot.
-  // Every swap waits until no MMU-notifier invalidation is active (mn_invalidate_begin/end).
+  // Every swap waits until no MMU-notifier invalidation is active (mn_invalidate_begin/end),
+  // then until every reader of the old set has left. Writers serialise; a call from a listener
+  // or from a thread inside a read section returns EDEADLK instead of deadlocking.
   Result<std::optional<MemslotChange>> set_memory_region(const UserspaceMemoryRegion& region,
                                                          RegionIoctl ioctl = RegionIoctl::kV1);
 
   MemslotsReadLock read_lock() const;  // srcu_read_lock(&kvm->srcu)
   // The active generation of an address space (spec 7.3: starts at as_id, + nr_as per swap).
+  // Has kMemslotGenUpdateInProgress set between a swap's publish and the end of its
+  // memslots_updated calls; kMemslotGenUpdateInProgress alone for a bad as_id.
   uint64_t generation(unsigned as_id) const;
   uint64_t nr_memslot_pages() const;  // VM-wide total of pages in all slots
 
@@ -186,6 +231,7 @@ class Memslots {
 
   // mn_active_invalidate_count: every notifier invalidate_range_start..end window is bracketed
   // by these; swaps wait for the count to reach 0 (spec 8.2). Balanced calls only.
+  // An unbalanced end (count already 0) is ignored.
   void mn_invalidate_begin();
   void mn_invalidate_end();
   long mn_active_invalidate_count() const;
@@ -194,6 +240,7 @@ class Memslots {
 
  private:
   friend class MemslotsReadLock;
+  friend struct detail::MemslotsTestPeer;
   MemslotsConfig config_;
   std::unique_ptr<Impl> impl_;
 };
@@ -203,7 +250,8 @@ class Memslots {
 
 // __gfn_to_hva_many: KVM_HVA_ERR_BAD for a null or INVALID slot, KVM_HVA_ERR_RO_BAD for a write
 // to a READONLY slot, else the hva. nr_pages (optional) receives the pages left in the slot.
-// Precondition when the slot is usable: slot->contains(gfn).
+// Precondition when the slot is usable: slot->contains(gfn). As in KVM (array_index_nospec), a
+// gfn outside the slot is clamped to the slot's first page, never to memory beyond it.
 Hva gfn_to_hva_many(const Memslot* slot, Gfn gfn, uint64_t* nr_pages, bool write);
 // gfn_to_hva_memslot: write intent, so a READONLY slot gives an error hva.
 Hva gfn_to_hva_memslot(const Memslot* slot, Gfn gfn);

@@ -1,0 +1,317 @@
+// gfnmap memslots: MemslotSet lookups (gfn search with caches, id, hva intervals), its builder,
+// and the gfn -> hva helpers (spec 3.1 step 1, 5, 7.2).
+#include <algorithm>
+#include <new>
+#include <utility>
+
+#include "memslot_set_impl.h"
+
+namespace gfnmap {
+
+// ---------------------------------------------------------------------------------------------
+// Lookups. A published set is immutable apart from last_used_slot_ and generation_, so these
+// are plain reads of the set plus relaxed atomics.
+
+const Memslot* MemslotSet::id_to_memslot(uint16_t id) const {
+  if (id >= by_id_.size()) return nullptr;
+  const uint32_t i = by_id_[id];
+  return i ? &by_gfn_[i - 1] : nullptr;
+}
+
+namespace {
+
+// Index of the last base <= key, or -1 when every base is greater (or n == 0). Branch-light:
+// the loop has a fixed trip count for a given n and the step is a conditional move.
+inline ptrdiff_t last_not_greater(const uint64_t* base, size_t n, uint64_t key) {
+  if (n == 0) return -1;
+  const uint64_t* p = base;
+  while (n > 1) {
+    const size_t half = n / 2;
+    p = (p[half] <= key) ? p + half : p;
+    n -= half;
+  }
+  return *p <= key ? p - base : -1;
+}
+
+}  // namespace
+
+const Memslot* MemslotSet::search_memslots(Gfn gfn, bool approx) const {
+  const ptrdiff_t i = last_not_greater(base_gfns_.data(), base_gfns_.size(), gfn.value);
+  if (i >= 0) {
+    const Memslot* slot = &by_gfn_[static_cast<size_t>(i)];
+    // approx: the predecessor of the hole is a neighbour of it.
+    if (approx || gfn < slot->end_gfn()) return slot;
+    return nullptr;
+  }
+  // Below the first slot: its successor (the first slot) is the neighbour.
+  return approx && !by_gfn_.empty() ? &by_gfn_[0] : nullptr;
+}
+
+const Memslot* MemslotSet::gfn_to_memslot(Gfn gfn) const {
+  const Memslot* slot = last_used_slot_.load(std::memory_order_relaxed);
+  if (slot && slot->contains(gfn)) return slot;
+  slot = search_memslots(gfn);
+  if (slot) last_used_slot_.store(slot, std::memory_order_relaxed);
+  return slot;
+}
+
+const Memslot* MemslotSet::vcpu_gfn_to_memslot(VcpuMemslotCache& cache, Gfn gfn) const {
+  const uint64_t gen = generation_.load(std::memory_order_acquire);
+  // An in-progress generation never equals a cached one (the cache never stores one).
+  if (cache.generation == gen && cache.slot && cache.slot->contains(gfn)) return cache.slot;
+  const Memslot* slot = search_memslots(gfn);
+  if (slot && !(gen & kMemslotGenUpdateInProgress)) {
+    cache.slot = slot;
+    cache.generation = gen;
+  }
+  return slot;
+}
+
+bool MemslotSet::is_visible_gfn(Gfn gfn) const {
+  const Memslot* slot = gfn_to_memslot(gfn);
+  return slot && slot->id < nr_user_slots_ && !slot->invalid();
+}
+
+// Overlap of [qs, qe) with ranges [s, e) (s < e): either qs <= s < qe, or s < qs < e.
+// hva_chain_: disjoint and sorted, so the hits are one contiguous run found by binary search.
+// hva_rest_: the first kind is a contiguous run by start; the second is a stabbing query at qs
+// on the centered interval tree, which visits O(log r) nodes and at each stops at the first
+// miss. Total O(log n + k); every slot is reported once.
+void MemslotSet::for_each_hva_overlap(Hva start, Hva end,
+                                      FunctionRef<void(const Memslot&)> fn) const {
+  const uint64_t qs = start.value;
+  const uint64_t qe = end.value;
+  if (qs >= qe) return;
+
+  auto it = std::partition_point(hva_chain_.begin(), hva_chain_.end(),
+                                 [qs](const HvaRange& r) { return r.end <= qs; });
+  for (; it != hva_chain_.end() && it->start < qe; ++it) fn(by_gfn_[it->index]);
+
+  if (hva_rest_.empty()) return;
+  auto jt = std::partition_point(hva_rest_.begin(), hva_rest_.end(),
+                                 [qs](const HvaRange& r) { return r.start < qs; });
+  for (; jt != hva_rest_.end() && jt->start < qe; ++jt) fn(by_gfn_[jt->index]);
+
+  int32_t n = 0;  // every range at a node holds its center: start <= center < end
+  while (n >= 0) {
+    const HvaNode& node = hva_nodes_[static_cast<size_t>(n)];
+    if (qs <= node.center) {
+      // end > center >= qs holds for all; report those starting below qs.
+      for (uint32_t i = node.begin; i < node.begin + node.count; ++i) {
+        const HvaRange& r = hva_node_by_start_[i];
+        if (r.start >= qs) break;
+        fn(by_gfn_[r.index]);
+      }
+      n = qs < node.center ? node.left : -1;  // right subtree starts above center >= qs
+    } else {
+      // start <= center < qs holds for all; report those ending above qs.
+      for (uint32_t i = node.begin; i < node.begin + node.count; ++i) {
+        const HvaRange& r = hva_node_by_end_[i];
+        if (r.end <= qs) break;
+        fn(by_gfn_[r.index]);
+      }
+      n = node.right;  // left subtree ends at or below center < qs
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Builder.
+
+std::unique_ptr<MemslotSet> MemslotSet::Impl::empty(unsigned as_id, uint32_t nr_user_slots,
+                                                    uint64_t generation) {
+  std::unique_ptr<MemslotSet> set(new MemslotSet());
+  set->as_id_ = as_id;
+  set->nr_user_slots_ = nr_user_slots;
+  set->generation_.store(generation, std::memory_order_relaxed);
+  return set;
+}
+
+namespace {
+
+thread_local unsigned t_fail_builds = 0;
+
+void maybe_fail_build() {
+  if (t_fail_builds > 0) {
+    --t_fail_builds;
+    throw std::bad_alloc();
+  }
+}
+
+bool hva_key_less(const MemslotSet::Impl::HvaRangeT& a, const MemslotSet::Impl::HvaRangeT& b) {
+  return a.start != b.start ? a.start < b.start : a.index < b.index;
+}
+
+}  // namespace
+
+void MemslotSet::Impl::fail_next_builds(unsigned n) { t_fail_builds = n; }
+
+std::unique_ptr<MemslotSet> MemslotSet::Impl::derive(const MemslotSet& old,
+                                                     std::optional<uint16_t> remove_id,
+                                                     const Memslot* insert) {
+  maybe_fail_build();
+  std::unique_ptr<MemslotSet> set(new MemslotSet());
+  MemslotSet& s = *set;
+  s.as_id_ = old.as_id_;
+  s.nr_user_slots_ = old.nr_user_slots_;
+
+  // by_gfn_: one ordered merge (the removed slot out, the inserted one in at its place).
+  const Memslot* removed = remove_id ? old.id_to_memslot(*remove_id) : nullptr;
+  s.by_gfn_.reserve(old.by_gfn_.size() + 1);
+  bool inserted = insert == nullptr;
+  for (const Memslot& m : old.by_gfn_) {
+    if (&m == removed) continue;
+    if (!inserted && insert->base_gfn < m.base_gfn) {
+      s.by_gfn_.push_back(*insert);
+      inserted = true;
+    }
+    s.by_gfn_.push_back(m);
+  }
+  if (!inserted) s.by_gfn_.push_back(*insert);
+
+  // hva_by_start_ (every slot's hva range keyed by (start, id), `index` = id): same merge.
+  s.hva_by_start_.reserve(old.hva_by_start_.size() + 1);
+  std::optional<HvaRange> ins;
+  if (insert) {
+    ins = HvaRange{insert->userspace_addr.value, insert->hva_end().value, insert->id};
+  }
+  for (const HvaRange& r : old.hva_by_start_) {
+    if (removed && r.index == removed->id) continue;
+    if (ins && hva_key_less(*ins, r)) {
+      s.hva_by_start_.push_back(*ins);
+      ins.reset();
+    }
+    s.hva_by_start_.push_back(r);
+  }
+  if (ins) s.hva_by_start_.push_back(*ins);
+  finish(s);
+  return set;
+}
+
+std::unique_ptr<MemslotSet> MemslotSet::Impl::build(unsigned as_id, uint32_t nr_user_slots,
+                                                    std::vector<Memslot> slots) {
+  maybe_fail_build();
+  std::unique_ptr<MemslotSet> set(new MemslotSet());
+  MemslotSet& s = *set;
+  s.as_id_ = as_id;
+  s.nr_user_slots_ = nr_user_slots;
+  std::sort(slots.begin(), slots.end(),
+            [](const Memslot& a, const Memslot& b) { return a.base_gfn < b.base_gfn; });
+  s.by_gfn_ = std::move(slots);
+  for (const Memslot& m : s.by_gfn_) {
+    s.hva_by_start_.push_back(HvaRange{m.userspace_addr.value, m.hva_end().value, m.id});
+  }
+  std::sort(s.hva_by_start_.begin(), s.hva_by_start_.end(), hva_key_less);
+  finish(s);
+  return set;
+}
+
+void MemslotSet::Impl::finish(MemslotSet& s) {
+  s.base_gfns_.resize(s.by_gfn_.size());
+  uint32_t max_id = 0;
+  for (size_t i = 0; i < s.by_gfn_.size(); ++i) {
+    s.base_gfns_[i] = s.by_gfn_[i].base_gfn.value;
+    max_id = std::max<uint32_t>(max_id, s.by_gfn_[i].id);
+  }
+  s.by_id_.assign(s.by_gfn_.empty() ? 0 : max_id + 1, 0);
+  for (size_t i = 0; i < s.by_gfn_.size(); ++i) {
+    s.by_id_[s.by_gfn_[i].id] = static_cast<uint32_t>(i + 1);
+  }
+
+  // Greedy split: a range joins the chain when it starts at or after the chain's end, so the
+  // chain is disjoint; the rest (slots sharing hvas, usually none) goes to the interval tree.
+  uint64_t chain_end = 0;
+  s.hva_chain_.reserve(s.hva_by_start_.size());
+  for (const HvaRange& r : s.hva_by_start_) {
+    const HvaRange by_index{r.start, r.end, s.by_id_[r.index] - 1};
+    if (r.start >= chain_end) {
+      s.hva_chain_.push_back(by_index);
+      chain_end = r.end;
+    } else {
+      s.hva_rest_.push_back(by_index);
+    }
+  }
+  if (!s.hva_rest_.empty()) {
+    std::vector<HvaRange> by_end = s.hva_rest_;
+    std::stable_sort(by_end.begin(), by_end.end(),
+                     [](const HvaRange& a, const HvaRange& b) { return a.end > b.end; });
+    build_hva_tree(s, s.hva_rest_, std::move(by_end));
+  }
+}
+
+// Centered interval tree: center = median start, so each child holds at most half the ranges
+// and the depth is O(log r). Each range is stored at exactly one node.
+int32_t MemslotSet::Impl::build_hva_tree(MemslotSet& s, std::vector<HvaRange> by_start,
+                                         std::vector<HvaRange> by_end) {
+  if (by_start.empty()) return -1;
+  const uint64_t center = by_start[by_start.size() / 2].start;
+  auto split = [center](std::vector<HvaRange>& in, std::vector<HvaRange>& lo,
+                        std::vector<HvaRange>& mid, std::vector<HvaRange>& hi) {
+    for (const HvaRange& r : in) {
+      if (r.end <= center) {
+        lo.push_back(r);
+      } else if (r.start > center) {
+        hi.push_back(r);
+      } else {
+        mid.push_back(r);
+      }
+    }
+  };
+  std::vector<HvaRange> lo_s, mid_s, hi_s, lo_e, mid_e, hi_e;
+  split(by_start, lo_s, mid_s, hi_s);
+  split(by_end, lo_e, mid_e, hi_e);
+  by_start.clear();
+  by_start.shrink_to_fit();
+  by_end.clear();
+  by_end.shrink_to_fit();
+
+  const auto node = static_cast<int32_t>(s.hva_nodes_.size());
+  s.hva_nodes_.push_back(HvaNode{center, static_cast<uint32_t>(s.hva_node_by_start_.size()),
+                                 static_cast<uint32_t>(mid_s.size()), -1, -1});
+  s.hva_node_by_start_.insert(s.hva_node_by_start_.end(), mid_s.begin(), mid_s.end());
+  s.hva_node_by_end_.insert(s.hva_node_by_end_.end(), mid_e.begin(), mid_e.end());
+  const int32_t left = build_hva_tree(s, std::move(lo_s), std::move(lo_e));
+  const int32_t right = build_hva_tree(s, std::move(hi_s), std::move(hi_e));
+  s.hva_nodes_[static_cast<size_t>(node)].left = left;
+  s.hva_nodes_[static_cast<size_t>(node)].right = right;
+  return node;
+}
+
+const Memslot* MemslotSet::Impl::find_overlap(const MemslotSet& set, uint16_t id, Gfn start,
+                                              Gfn end) {
+  // Slots are disjoint and sorted, so those meeting [start, end) are a contiguous run ending at
+  // the last slot that begins before `end`; walk it backwards.
+  ptrdiff_t i = last_not_greater(set.base_gfns_.data(), set.base_gfns_.size(), end.value - 1);
+  for (; i >= 0; --i) {
+    const Memslot& m = set.by_gfn_[static_cast<size_t>(i)];
+    if (m.end_gfn() <= start) break;
+    if (m.id != id) return &m;
+  }
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// gfn -> hva.
+
+Hva gfn_to_hva_many(const Memslot* slot, Gfn gfn, uint64_t* nr_pages, bool write) {
+  if (!slot || slot->invalid()) return kHvaErrBad;
+  if (slot->readonly() && write) return kHvaErrRoBad;
+  // array_index_nospec: an offset outside the slot becomes 0 (the caller broke the contract;
+  // never hand out an hva beyond the slot).
+  uint64_t offset = gfn - slot->base_gfn;
+  if (offset >= slot->npages) offset = 0;
+  if (nr_pages) *nr_pages = slot->npages - offset;
+  return slot->userspace_addr + offset * kPageSize;
+}
+
+Hva gfn_to_hva_memslot(const Memslot* slot, Gfn gfn) {
+  return gfn_to_hva_many(slot, gfn, nullptr, true);
+}
+
+Hva gfn_to_hva_memslot_prot(const Memslot* slot, Gfn gfn, bool* writable) {
+  const Hva hva = gfn_to_hva_many(slot, gfn, nullptr, false);
+  if (!kvm_is_error_hva(hva) && writable) *writable = !slot->readonly();
+  return hva;
+}
+
+}  // namespace gfnmap

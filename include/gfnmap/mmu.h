@@ -29,8 +29,9 @@ struct SptNode;
 
 // ---------------------------------------------------------------------------------------------
 // Second-level PTE (SPTE) encoding. A leaf is one atomic 64-bit word:
-//   bits 12..51  the host pointer of the first byte the leaf maps (4K aligned), so a table hit
-//                is one load and a mask; the host pfn lives in a side array beside the entries
+//   bits 12..55  the host pointer of the first byte the leaf maps, >> 4 (host page pointers
+//                are 16-byte aligned), so a table hit is one load, a mask and a shift; the
+//                host pfn lives in a side array beside the entries
 //   bits 0..11   the flags below
 // A non-leaf entry (levels 2..4) is a child table pointer with kSpteTable set. 0 = not present.
 namespace spte {
@@ -45,10 +46,11 @@ inline constexpr uint64_t kRefcounted = 1u << 7;    // the pfn had a refcounted 
 inline constexpr uint64_t kLarge = 1u << 8;         // a 2M or 1G leaf
 inline constexpr uint64_t kPfnOverflow = 1u << 9;   // pfn kept in the overflow map
 inline constexpr uint64_t kScattered = 1u << 10;    // 2M leaf whose 4K host pages are not
-                                                    // contiguous: bits 12..51 point at an
+                                                    // contiguous: bits 12..55 point at an
                                                     // array of 512 host page pointers
 inline constexpr uint64_t kTable = uint64_t{1} << 63;  // non-leaf: bits 0..47 point at a table
-inline constexpr uint64_t kAddrMask = 0x000ffffffffff000ULL;
+inline constexpr uint64_t kAddrMask = 0x00fffffffffff000ULL;
+inline constexpr unsigned kAddrShift = 8;  // pointer = (e & kAddrMask) >> kAddrShift
 
 constexpr bool is_leaf(uint64_t e) { return (e & kPresent) && !(e & kTable); }
 constexpr bool is_writable(uint64_t e) { return is_leaf(e) && (e & kWritable); }

@@ -136,7 +136,7 @@ void Mmu::Impl::drop_leaf(SptNode* node, unsigned idx, uint64_t e) {
   if (e & spte::kPfnOverflow) pfn_overflow.erase(&node->e[idx]);
   if (e & spte::kScattered) {
     // SAFETY: the address bits of a scattered leaf are its SptScatter.
-    retired_scatter.push_back(reinterpret_cast<SptScatter*>(e & spte::kAddrMask));
+    retired_scatter.push_back(reinterpret_cast<SptScatter*>(detail::spt_decode_addr(e)));
   }
 }
 
@@ -226,7 +226,7 @@ SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, bool writ
   for (unsigned i = 0; i < detail::kSptEntries; ++i) {
     // For a scattered 2M leaf every 4K pointer comes from its array; else it is contiguous.
     std::byte* p = detail::spt_leaf_ptr(e, level, i * child_pages);
-    uint64_t ce = (reinterpret_cast<uint64_t>(p) & spte::kAddrMask) | keep;
+    uint64_t ce = detail::spt_encode_addr(p) | keep;
     if (child_level > 1) ce |= spte::kLarge;
     set_leaf_pfn(child, i, pfn + i * child_pages, &ce);
     child->e[i].store(ce, std::memory_order_relaxed);
@@ -441,7 +441,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   }
 
   std::byte* ptr = mm_.page_address(pfn, hva);
-  if (ptr == nullptr) {
+  if (ptr == nullptr || !detail::spt_addr_encodable(reinterpret_cast<uint64_t>(ptr))) {
     release_faultin_page(page, /*unused=*/false, writable);
     im.unlock_mmu();
     error_pfn_to_exit(kPfnErrFault, gpa, hva, write, exit);
@@ -460,7 +460,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
                                        base_hva + ((n - 1) << kPageShift));
     if (mm_.page_address(base_pfn, base_hva) == base_ptr &&
         last == base_ptr + ((n - 1) << kPageShift) &&
-        (reinterpret_cast<uint64_t>(base_ptr) & (kPageSize - 1)) == 0) {
+        detail::spt_addr_encodable(reinterpret_cast<uint64_t>(base_ptr))) {
       addr = reinterpret_cast<uint64_t>(base_ptr);
       break;
     }
@@ -484,7 +484,8 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   if (level == 1) addr = reinterpret_cast<uint64_t>(ptr);
 
   const bool host_writable = writable && !slot->readonly();
-  uint64_t e = (addr & spte::kAddrMask) | spte::kPresent | spte::kExecutable;
+  uint64_t e = detail::spt_encode_addr(reinterpret_cast<void*>(addr)) | spte::kPresent |
+               spte::kExecutable;
   if (host_writable) {
     e |= spte::kHostWritable | spte::kMmuWritable;
     // A read fault maps writable too unless the slot logs dirty pages (then the first write

@@ -36,6 +36,18 @@ struct alignas(4096) SptScatter {
 };
 static_assert(sizeof(SptScatter) == 4096);
 
+// Leaf address bits <-> host pointer (16-byte aligned).
+inline uint64_t spt_encode_addr(const void* p) {
+  return (reinterpret_cast<uint64_t>(p) << spte::kAddrShift) & spte::kAddrMask;
+}
+inline std::byte* spt_decode_addr(uint64_t e) {
+  // SAFETY: leaf address bits are written only by spt_encode_addr from host pointers.
+  return reinterpret_cast<std::byte*>((e & spte::kAddrMask) >> spte::kAddrShift);
+}
+constexpr bool spt_addr_encodable(uint64_t p) {
+  return (p & 15) == 0 && p < (uint64_t{1} << 48);
+}
+
 inline SptNode* spt_child(uint64_t e) {
   // SAFETY: table entries are written only by the MMU from SptNode pointers | kTable.
   return reinterpret_cast<SptNode*>(e & ~spte::kTable);
@@ -69,10 +81,9 @@ inline std::byte* spt_leaf_ptr(uint64_t e, int level, uint64_t gfn) {
   if (e & spte::kScattered) {
     // SAFETY: a scattered leaf's address bits point at its SptScatter (kept until a flush
     // after the leaf is gone).
-    return reinterpret_cast<SptScatter*>(e & spte::kAddrMask)->ptr[off];
+    return reinterpret_cast<SptScatter*>(spt_decode_addr(e))->ptr[off];
   }
-  // SAFETY: the address bits are the host pointer of the leaf's first byte.
-  return reinterpret_cast<std::byte*>(e & spte::kAddrMask) + (off << kPageShift);
+  return spt_decode_addr(e) + (off << kPageShift);
 }
 
 // True when the process could register for MEMBARRIER_CMD_PRIVATE_EXPEDITED: flushes then

@@ -168,8 +168,10 @@ struct GupInjection {
 struct FixupInjection {
   // Nonzero: fixup_user_fault fails with this negative errno (row 18), after any lock drop.
   int error = 0;
-  // The next N calls each drop the mmap lock once, report *unlocked = true and then retry the
-  // fault from a fresh VMA lookup (row 19).
+  // The next N calls each drop the mmap lock once and report *unlocked = true (row 19). The
+  // last of them then retries the fault from a fresh VMA lookup (installing a missing PFNMAP
+  // PTE); the earlier ones return 0 leaving the PTE as it was (the retried fault raced with
+  // another zap), so a caller that re-looks-up and calls fixup again sees N drops in a row.
   int drop_lock_times = 0;
   // Runs on the faulting thread while the mmap lock is dropped (with no SimHost lock held), so
   // it may munmap / mremap / mprotect / mmap (invariant 15). Called once per drop.

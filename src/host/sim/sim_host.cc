@@ -1360,6 +1360,7 @@ int SimHost::fixup_user_fault(Hva hva, bool write, bool* unlocked) {
   const uint64_t a = align_down(hva.value, kPageSize);
   FixupInjection inj;
   bool drop = false;
+  bool more_drops = false;  // later calls drop the lock too: leave the PTE missing for them
   {
     std::lock_guard l(im.mu);
     ++im.counts.fixups;
@@ -1368,6 +1369,7 @@ int SimHost::fixup_user_fault(Hva hva, bool write, bool* unlocked) {
       inj.error = it->second.error;
       if (it->second.drop_lock_times > 0) {
         --it->second.drop_lock_times;
+        more_drops = it->second.drop_lock_times > 0;
         drop = true;
         inj.while_unlocked = it->second.while_unlocked;
       }
@@ -1381,6 +1383,9 @@ int SimHost::fixup_user_fault(Hva hva, bool write, bool* unlocked) {
     im.mmap_lock.retake_shared(depth);
   }
   if (inj.error) return inj.error;
+  // The retried fault raced with another zap: success, the PTE still missing, so the caller's
+  // fresh lookup calls fixup_user_fault again (and it drops the lock again).
+  if (more_drops) return 0;
   VmaRec v;
   {
     std::lock_guard l(im.mu);

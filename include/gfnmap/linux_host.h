@@ -114,6 +114,12 @@ class LinuxHost final : public HostMm {
  public:
   struct Options {
     PfnSource pfn_source = PfnSource::kAuto;
+    // Fault-around for anonymous and memfd regions (0 or 1: off). A slow-path fault populates
+    // the aligned window of this many pages (a power of two, at most 512) around the page with
+    // one MADV_POPULATE call and one pagemap read, so the next faults in the window hit the
+    // fast path. It allocates memory nobody asked for yet (like the kernel's fault-around for
+    // file pages); meant for restores that touch everything. EINVAL if not a power of two.
+    uint32_t fault_around_pages = 0;
   };
   static Result<std::unique_ptr<LinuxHost>> create(Options options);
   static Result<std::unique_ptr<LinuxHost>> create() { return create(Options{}); }
@@ -199,6 +205,8 @@ class LinuxHost final : public HostMm {
   int wait_interruptible(const detail::LinuxRegion& r, Hva hva, bool interruptible);
   uint64_t read_pfn(Hva hva, uint64_t* entry);
   void note_populated(const detail::LinuxRegion& r, Hva hva, bool write);
+  // Fault-around: populates [start, end) (inside r) and records every page. False on failure.
+  bool populate_window(const detail::LinuxRegion& r, Hva start, Hva end, bool write);
   PgLevel mapping_level_locked(const detail::LinuxRegion& r, Hva hva);
 
   Options options_;

@@ -474,6 +474,47 @@ TEST_F(LinuxHostTest, Invariant10_SignalPendingSeesBlockedSignals) {
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 
+TEST_F(LinuxHostTest, Row07_CowBreakOfAKnownReadOnlyPageRaisesInvalidation) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  Page rd;
+  ASSERT_EQ(gup(r.start + kPageSize, 0, &rd), 1);  // the zero page, read-only
+  host->put_page(rd);
+  const size_t before = notifier.nr_starts();
+  Page wr;
+  ASSERT_EQ(gup(r.start + kPageSize, kFollWrite, &wr), 1);
+  EXPECT_EQ(notifier.nr_starts(), before + 1) << "replacing the zero page kills a translation";
+  EXPECT_TRUE(notifier.covered(r.start.value + kPageSize));
+  EXPECT_EQ(notifier.in_progress, 0);
+  Page fast;
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start + kPageSize, kFollWrite, &fast));
+  host->put_page(fast);
+  host->put_page(wr);
+}
+
+TEST(LinuxHostOptions, FaultAroundPopulatesTheWindow) {
+  auto bad = LinuxHost::create(LinuxHost::Options{PfnSource::kAuto, 3});
+  EXPECT_EQ(bad.code(), EINVAL);
+  auto h = LinuxHost::create(LinuxHost::Options{PfnSource::kAuto, 16});
+  ASSERT_TRUE(h.ok());
+  LinuxHost& host = **h;
+  RegionSpec spec;
+  spec.size = 64 * kPageSize;
+  auto r = host.create_region(spec);
+  ASSERT_TRUE(r.ok());
+  const Hva window((r->start.value + 16 * kPageSize - 1) & ~(16 * kPageSize - 1));
+  Page page;
+  ASSERT_EQ(host.get_user_pages_unlocked(window + 3 * kPageSize, kFollWrite, &page), 1);
+  host.put_page(page);
+  for (uint64_t i = 0; i < 16; ++i) {
+    Page p;
+    ASSERT_TRUE(host.get_user_page_fast_only(window + i * kPageSize, kFollWrite, &p)) << i;
+    host.put_page(p);
+  }
+  Page out;
+  EXPECT_FALSE(host.get_user_page_fast_only(window + 16 * kPageSize, kFollWrite, &out));
+  EXPECT_EQ(host.outstanding_refs(), 0u);
+}
+
 // The errnos MADV_POPULATE_* gives on this kernel (MACHINE.md), which the slow path classifies.
 TEST(LinuxKernelFacts, MadvPopulateErrnos) {
   void* ro = mmap(nullptr, kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

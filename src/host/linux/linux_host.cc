@@ -112,6 +112,11 @@ std::string_view to_string(RegionKind kind) {
 LinuxHost::LinuxHost(Options options) : options_(options) {}
 
 Result<std::unique_ptr<LinuxHost>> LinuxHost::create(Options options) {
+  const uint32_t fa = options.fault_around_pages;
+  if (fa > 512 || (fa & (fa - 1)) != 0) {
+    return make_error(EINVAL, "LinuxHost: fault_around_pages must be 0 or a power of two up to "
+                      "512, not ", std::to_string(fa));
+  }
   std::unique_ptr<LinuxHost> host(new LinuxHost(options));
   host->set_.store(new LinuxRegionSet(), std::memory_order_release);
   host->retired_.emplace_back(const_cast<LinuxRegionSet*>(host->set_.load()));
@@ -703,6 +708,42 @@ void LinuxHost::note_populated(const LinuxRegion& r, Hva hva, bool write) {
   pa.state[i].store(st, std::memory_order_release);
 }
 
+bool LinuxHost::populate_window(const LinuxRegion& r, Hva start, Hva end, bool write) {
+  if (madvise(ptr(start), end - start, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
+    return false;
+  }
+  PageArrays& pa = *r.pages;
+  const uint64_t n = (end - start) >> kPageShift;
+  uint64_t entries[512];
+  const bool need_pagemap = physical_pfns_ || !write;
+  if (need_pagemap) {
+    const ssize_t want = static_cast<ssize_t>(n * 8);
+    if (pagemap_fd_ < 0 ||
+        pread(pagemap_fd_, entries, static_cast<size_t>(want),
+              static_cast<off_t>((start.value >> kPageShift) * 8)) != want) {
+      for (uint64_t k = 0; k < n; ++k) note_populated(r, start + k * kPageSize, write);
+      return true;
+    }
+  }
+  for (uint64_t k = 0; k < n; ++k) {
+    const Hva page = start + k * kPageSize;
+    const uint64_t e = need_pagemap ? entries[k] : 0;
+    uint64_t pfn = page.value >> kPageShift;
+    if (physical_pfns_ && (e & linux_abi::kPmPresent) && (e & linux_abi::kPmPfnMask)) {
+      pfn = e & linux_abi::kPmPfnMask;
+    }
+    bool writable = write;
+    if (!write && (r.vm_flags & kVmWrite) && (e & linux_abi::kPmPresent)) {
+      writable = r.kind == RegionKind::kMemfdShared ||
+                 (!(e & linux_abi::kPmFile) && (e & linux_abi::kPmExclusive));
+    }
+    const uint64_t idx = pa.index(page);
+    pa.pfn[idx].store(pfn, std::memory_order_relaxed);
+    pa.state[idx].store(kPagePresent | (writable ? kPageWritable : 0), std::memory_order_release);
+  }
+  return true;
+}
+
 int LinuxHost::wait_interruptible(const LinuxRegion& r, Hva hva, bool interruptible) {
   const int sigfd = interruptible ? t_sigfd.get() : -1;
   if (r.kind == RegionKind::kLazy) return r.lazy->wait_ready(hva, sigfd);
@@ -752,8 +793,24 @@ long LinuxHost::slow_get(const LinuxRegion& r, Hva hva, FollFlags flags, Page* p
       }
       if (w < 0) return -EFAULT;  // the page server is gone: the fault could never complete
     }
-    if (madvise(ptr(pg), kPageSize, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
+    // A write to a page known present read-only breaks CoW or replaces the zero page: the old
+    // translation dies, as with the kernel's wp_page_copy.
+    const uint8_t before = pa.state[i].load(std::memory_order_acquire);
+    const bool replaces = write && (before & kPagePresent) && !(before & kPageWritable);
+    if (replaces) invalidate_start(pg, pg + kPageSize);
+    const uint64_t fa = options_.fault_around_pages;
+    bool done = false;
+    if (fa > 1 && !replaces &&
+        (r.kind == RegionKind::kAnonymous || r.kind == RegionKind::kMemfdShared)) {
+      const uint64_t span = fa * kPageSize;
+      const Hva ws = std::max(r.start, Hva(pg.value & ~(span - 1)));
+      const Hva we = std::min(r.end, Hva((pg.value & ~(span - 1)) + span));
+      done = populate_window(r, ws, we, write);
+    }
+    if (!done &&
+        madvise(ptr(pg), kPageSize, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
       const int e = errno;
+      if (replaces) invalidate_end(pg, pg + kPageSize);
       populate_errors_.fetch_add(1, std::memory_order_relaxed);
       switch (e) {
         case EHWPOISON:
@@ -768,7 +825,11 @@ long LinuxHost::slow_get(const LinuxRegion& r, Hva hva, FollFlags flags, Page* p
           return -EFAULT;
       }
     }
-    note_populated(r, pg, write);
+    if (!done) note_populated(r, pg, write);
+    if (replaces) {
+      invalidate_end(pg, pg + kPageSize);
+      note_populated(r, pg, write);  // invalidate_end forgot it
+    }
   }
   pa.refs[i].fetch_add(1, std::memory_order_acq_rel);
   *page = Page{this, Pfn(pa.pfn[i].load(std::memory_order_relaxed)), pg, (flags & kFollPin) != 0};

@@ -1,5 +1,6 @@
 // gfnmap host/sim: SimHost, the deterministic host-MM model: VMAs, faults (zero page, CoW,
 // page cache, swap, hugepages), GUP return codes, PFNMAP PTEs, notifiers and injections.
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -327,8 +328,30 @@ void SimHost::Impl::release_subscribers(const Subscribers& s) {
   ncv.notify_all();
 }
 
+namespace {
+
+// Sorted, with overlapping and touching ranges merged: one bracket per distinct span (a hugetlb
+// poison reaches every PTE of the huge page, each widened to the same 2M range).
+std::vector<Range> merge_ranges(std::vector<Range> ranges) {
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.start < b.start; });
+  std::vector<Range> out;
+  for (const Range& r : ranges) {
+    if (r.start >= r.end) continue;
+    if (!out.empty() && r.start <= out.back().end) {
+      out.back().end = std::max(out.back().end, r.end);
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 template <class F>
-void SimHost::Impl::invalidate(const std::vector<Range>& ranges, F&& change) {
+void SimHost::Impl::invalidate(const std::vector<Range>& unmerged, F&& change) {
+  const std::vector<Range> ranges = merge_ranges(unmerged);
   Subscribers s = acquire_subscribers();
   ++t_in_callback;
   for (const Range& r : ranges) {

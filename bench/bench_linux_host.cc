@@ -131,6 +131,45 @@ BENCHMARK(BM_FaultinPfn1G)
     ->Iterations(1)
     ->Unit(benchmark::kMillisecond);
 
+// The same fault-in, calling only the HostMm operations faultin_pfn makes (fast lookup, slow
+// GUP, put): LinuxHost's share of BM_FaultinPfn1G; the rest is the resolver's.
+void BM_HostGup1G(benchmark::State& state) {
+  warm_up();
+  LinuxHost::Options opt;
+  opt.fault_around_pages = static_cast<uint32_t>(state.range(0));
+  auto host = LinuxHost::create(opt);
+  if (!host.ok()) {
+    state.SkipWithError("LinuxHost::create failed");
+    return;
+  }
+  LinuxHost& mm = **host;
+  state.SetLabel(std::string(mm.pfns_are_physical() ? "pagemap pfns" : "virtual pfns") +
+                 ", fault-around " + std::to_string(state.range(0)));
+  for (auto _ : state) {
+    state.PauseTiming();
+    RegionSpec spec;
+    spec.kind = RegionKind::kAnonymous;
+    spec.size = kGiB;
+    auto region = mm.create_region(spec);
+    state.ResumeTiming();
+    for (uint64_t off = 0; off < kGiB; off += kPageSize) {
+      Page page;
+      Hva hva = region->start + off;
+      if (!mm.get_user_page_fast_only(hva, kFollWrite, &page)) {
+        long r = mm.get_user_pages_unlocked(hva, kFollWrite | kFollHwpoison | kFollHonorNumaFault,
+                                            &page);
+        benchmark::DoNotOptimize(r);
+      }
+      mm.put_page(page);
+    }
+    state.PauseTiming();
+    (void)mm.unregister_region(region->start);
+    state.ResumeTiming();
+  }
+  set_page_counters(state, kGiB / kPageSize);
+}
+BENCHMARK(BM_HostGup1G)->Arg(0)->Arg(64)->Iterations(1)->Unit(benchmark::kMillisecond);
+
 // Fast-path hit: HostMm::get_user_page_fast_only + put_page on a populated page.
 void BM_FastPathHit(benchmark::State& state) {
   auto host = LinuxHost::create();

@@ -36,7 +36,9 @@ struct ServerRange {
   bool owned = false;  // mapped by map_lazy: unmapped by the server
   bool in_host = false;
   std::unique_ptr<std::atomic<uint8_t>[]> state;
-  std::atomic<uint64_t> prefetch_cursor{0};
+  std::atomic<uint64_t> prefetch_cursor{0};  // next chunk of the first pass
+  std::atomic<uint64_t> sweep_cursor{0};     // second pass: pages the first pass jumped over
+  std::atomic<uint64_t> demand_next{0};      // index after the latest demand fault
 
   ServerRange(Hva s, uint64_t size, uint64_t off)
       : start(s),
@@ -609,6 +611,7 @@ void PageServer::serve_demand(Hva addr, uint64_t t_read_ns) {
     const uint64_t off = loc.range->source_offset + loc.index * kPageSize;
     if (std::find(hot_.begin(), hot_.end(), off) == hot_.end()) hot_.push_back(off);
   }
+  loc.range->demand_next.store(loc.index + 1, std::memory_order_relaxed);
   long r = place(*loc.range, loc.index, 1, true, buf);
   if (r >= 0 && t_read_ns) {
     faults_served_.fetch_add(1, std::memory_order_relaxed);
@@ -639,7 +642,9 @@ void PageServer::prefetch_loop(unsigned) {
     }
     return;
   }
-  // Sequential: every range front to back; threads share the cursors.
+  // Sequential: every range front to back; threads share the cursors. The first pass jumps
+  // ahead of the latest demand fault (a guest reading sequentially would otherwise race the
+  // prefetcher for the same pages); a second pass sweeps up what it jumped over.
   for (;;) {
     if (stopping()) return;
     ServerRange* target = nullptr;
@@ -648,11 +653,19 @@ void PageServer::prefetch_loop(unsigned) {
       std::lock_guard lk(ranges_mu_);
       for (auto& r : ranges_) {
         uint64_t c = r->prefetch_cursor.load();
-        if (c < r->npages) {
+        const uint64_t ahead = r->demand_next.load(std::memory_order_relaxed) + chunk / 4;
+        while (c < ahead && ahead < r->npages &&
+               !r->prefetch_cursor.compare_exchange_weak(c, ahead)) {
+        }
+        idx = r->prefetch_cursor.fetch_add(chunk);
+        if (idx < r->npages) {
           target = r.get();
-          idx = r->prefetch_cursor.fetch_add(chunk);
-          if (idx >= r->npages) target = nullptr;
-          if (target) break;
+          break;
+        }
+        idx = r->sweep_cursor.fetch_add(chunk);
+        if (idx < r->npages) {
+          target = r.get();
+          break;
         }
       }
     }

@@ -405,6 +405,26 @@ TEST(SimHostModel, HugepagesGiveMappingLevels) {
   EXPECT_EQ(mm.outstanding_refs(), 0u);
 }
 
+TEST(SimHostModel, Rows08And09_HugetlbPrivateReadMapsReadOnlySharedWritable) {
+  SimHost mm;
+  Hva p = *mm.mmap(k2M, kProtRW, VmaKind::kAnonPrivate, {.backing = PageBacking::kHugetlb2M});
+  Pfn r = gup_pfn(mm, p + 3 * kPageSize, 0);
+  EXPECT_NE(r, mm.zero_pfn());  // hugetlb has no zero page
+  EXPECT_FALSE(mm.pte(p).writable);
+  Page page;
+  EXPECT_FALSE(mm.get_user_page_fast_only(p + 3 * kPageSize, kFollWrite, &page));  // row 9
+  EXPECT_EQ(gup_pfn(mm, p + 3 * kPageSize, kFollWrite), r);  // exclusive: no copy
+  EXPECT_TRUE(mm.pte(p + 100 * kPageSize).writable);  // the whole huge page
+  EXPECT_EQ(mm.counters().cow_breaks, 0u);
+  Hva s = *mm.mmap(k2M, kProtRW, VmaKind::kAnonShared, {.backing = PageBacking::kHugetlb2M});
+  (void)gup_pfn(mm, s, 0);
+  ASSERT_TRUE(mm.get_user_page_fast_only(s, kFollWrite, &page));  // row 8
+  mm.put_page(page);
+  EXPECT_EQ(mm.make_cow_shared(p).code(), EINVAL);
+  EXPECT_EQ(mm.outstanding_refs(), 0u);
+  EXPECT_EQ(mm.violations(), 0u);
+}
+
 TEST(SimHostModel, MprotectRemovesAndRestoresWrite) {
   SimHost mm;
   Hva h = *mm.mmap(2 * kPageSize, kProtRW, VmaKind::kAnonPrivate);

@@ -408,7 +408,16 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
                         (f->kind == FrameKind::kPageCache && v->kind == VmaKind::kFilePrivate);
       ++counts.faults;
       if (!copy) {
-        // Exclusive page or shared-file page that was write-protected: reuse in place.
+        // Exclusive page or shared-file page that was write-protected: reuse in place. A
+        // hugetlb page is one PTE in Linux: all its 4K entries become writable together.
+        if (v->is_hugetlb()) {
+          const uint64_t hs = v->huge_size();
+          const uint64_t first = page_no(align_down(addr, hs));
+          for (auto hit = ptes.lower_bound(first);
+               hit != ptes.end() && hit->first < first + hs / kPageSize; ++hit) {
+            if (hit->second.state == State::kPresent) hit->second.writable = true;
+          }
+        }
         p->writable = p->young = p->dirty = true;
         continue;
       }
@@ -443,7 +452,9 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
       const uint64_t rs = align_down(addr, hs);
       const uint64_t n = hs / kPageSize;
       uint64_t base = alloc_frames_locked(n, n, FrameKind::kAnon);
-      const bool w = has(v->prot, Prot::kWrite);
+      // A private hugetlb read fault maps read-only (no zero page: a fresh page); the first
+      // write makes it writable in place. A shared one maps writable.
+      const bool w = has(v->prot, Prot::kWrite) && (write || v->kind == VmaKind::kAnonShared);
       for (uint64_t i = 0; i < n; ++i) {
         if (ptes.count(page_no(rs) + i)) continue;
         map_pte_locked(page_no(rs) + i, base + i, w, write, true);

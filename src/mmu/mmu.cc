@@ -247,7 +247,7 @@ void Mmu::Impl::flush(bool needed) {
   if (detail::membarrier_available()) {
     syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
   } else {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    detail::full_fence();
   }
   for (Vcpu* v : vcpus) {
     uint64_t s = v->access_seq_.load(std::memory_order_acquire);

@@ -92,4 +92,15 @@ inline std::byte* spt_leaf_ptr(uint64_t e, int level, uint64_t gfn) {
 bool membarrier_available();
 extern bool g_vcpu_needs_fence;
 
+// A full memory barrier. ThreadSanitizer does not support standalone fences; a seq_cst
+// read-modify-write is a full barrier on x86 (a locked instruction) and is what TSan sees.
+inline void full_fence() {
+#if defined(__SANITIZE_THREAD__)
+  static std::atomic<unsigned> fence_word{0};
+  fence_word.fetch_add(0, std::memory_order_seq_cst);
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
 }  // namespace gfnmap::detail

@@ -112,7 +112,7 @@ VcpuExit Vcpu::access_range(Gpa gpa, uint64_t len, bool write, const std::byte* 
       const uint64_t s = access_seq_.load(std::memory_order_relaxed);
       access_seq_.store(s + 1, std::memory_order_relaxed);
       if (detail::g_vcpu_needs_fence) {
-        std::atomic_thread_fence(std::memory_order_seq_cst);
+        detail::full_fence();
       } else {
         std::atomic_signal_fence(std::memory_order_seq_cst);
       }

@@ -1,0 +1,253 @@
+// gfnmap MMU benchmarks: table hit (gpa -> host pointer) vs a flat array and a region binary
+// search, 1 GiB fault-in vs MADV_POPULATE_WRITE, 1 GiB invalidation and dirty-log get, metadata.
+#include <benchmark/benchmark.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "gfnmap/dirty.h"
+#include "gfnmap/linux_host.h"
+#include "gfnmap/memslot.h"
+#include "gfnmap/mmu.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace {
+
+using namespace gfnmap;
+
+constexpr uint64_t kGuestBase = uint64_t{1} << 32;
+constexpr uint64_t kGiB = uint64_t{1} << 30;
+
+// Real memory + memslots + MMU for `bytes` of guest memory split into `nr_slots` slots.
+struct Guest {
+  std::unique_ptr<LinuxHost> host;
+  Memslots slots;
+  std::unique_ptr<DirtyLog> dirty;
+  std::unique_ptr<Mmu> mmu;
+  std::unique_ptr<Vcpu> vcpu;
+  Hva base;
+  uint64_t bytes = 0;
+
+  bool init(uint64_t size, unsigned nr_slots, RegionKind kind, benchmark::State& state) {
+    bytes = size;
+    LinuxHost::Options lo;
+    lo.pfn_source = PfnSource::kVirtual;  // pfns are labels here; no pagemap pread per fault
+    auto h = LinuxHost::create(lo);
+    if (!h) {
+      state.SkipWithError("LinuxHost unavailable");
+      return false;
+    }
+    host = std::move(*h);
+    RegionSpec spec;
+    spec.kind = kind;
+    spec.size = size;
+    auto r = host->create_region(spec);
+    if (!r) {
+      state.SkipWithError(error_to_string(r.error()).c_str());
+      return false;
+    }
+    base = r->start;
+    dirty = std::make_unique<DirtyLog>(slots);
+    MmuOptions o;
+    o.dirty = dirty.get();
+    mmu = std::make_unique<Mmu>(slots, *host, o);
+    uint64_t per = size / nr_slots;
+    for (unsigned s = 0; s < nr_slots; ++s) {
+      UserspaceMemoryRegion region;
+      region.slot = s;
+      region.guest_phys_addr = kGuestBase + s * per;
+      region.memory_size = per;
+      region.userspace_addr = base.value + s * per;
+      if (!slots.set_memory_region(region)) {
+        state.SkipWithError("set_memory_region failed");
+        return false;
+      }
+    }
+    vcpu = std::make_unique<Vcpu>(*mmu, 0);
+    return true;
+  }
+  void touch_all() {
+    for (uint64_t off = 0; off < bytes; off += kPageSize) {
+      (void)vcpu->write_u64(Gpa(kGuestBase + off), off);
+    }
+  }
+  ~Guest() {
+    vcpu.reset();
+    mmu.reset();
+    dirty.reset();
+    if (host) (void)host->unregister_region(base);
+  }
+};
+
+std::vector<uint64_t> random_offsets(uint64_t bytes, size_t n) {
+  std::mt19937_64 rng(42);
+  std::vector<uint64_t> v(n);
+  for (auto& x : v) x = (rng() % (bytes / 8)) * 8;
+  return v;
+}
+
+constexpr uint64_t kHitBytes = uint64_t{256} << 20;  // 65,536 pages
+constexpr size_t kHitSamples = 1 << 16;
+
+// Floor: a flat array of host page pointers, one per guest page.
+void BM_TableHit_FlatArrayFloor(benchmark::State& state) {
+  std::vector<std::byte> mem(kHitBytes);
+  std::vector<std::byte*> table(kHitBytes / kPageSize);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = mem.data() + i * kPageSize;
+  auto offs = random_offsets(kHitBytes, kHitSamples);
+  size_t i = 0;
+  uint64_t sum = 0;
+  for (auto _ : state) {
+    uint64_t gpa = kGuestBase + offs[i++ & (kHitSamples - 1)];
+    uint64_t x;
+    std::memcpy(&x, table[(gpa - kGuestBase) >> 12] + (gpa & 4095), 8);
+    sum += x;
+  }
+  benchmark::DoNotOptimize(sum);
+}
+BENCHMARK(BM_TableHit_FlatArrayFloor);
+
+// Peer: vm-memory's find_region, a binary search over sorted regions.
+void BM_TableHit_RegionBinarySearch(benchmark::State& state) {
+  const unsigned nr = static_cast<unsigned>(state.range(0));
+  struct Region {
+    uint64_t start, size;
+    std::byte* host;
+  };
+  std::vector<std::byte> mem(kHitBytes);
+  std::vector<Region> regions;
+  uint64_t per = kHitBytes / nr;
+  for (unsigned s = 0; s < nr; ++s) regions.push_back({kGuestBase + s * per, per, mem.data() + s * per});
+  auto offs = random_offsets(kHitBytes, kHitSamples);
+  size_t i = 0;
+  uint64_t sum = 0;
+  for (auto _ : state) {
+    uint64_t gpa = kGuestBase + offs[i++ & (kHitSamples - 1)];
+    auto it = std::upper_bound(regions.begin(), regions.end(), gpa,
+                               [](uint64_t g, const Region& r) { return g < r.start; });
+    const Region& r = *(it - 1);
+    uint64_t x;
+    std::memcpy(&x, r.host + (gpa - r.start), 8);
+    sum += x;
+  }
+  benchmark::DoNotOptimize(sum);
+}
+BENCHMARK(BM_TableHit_RegionBinarySearch)->Arg(1)->Arg(8)->Arg(64);
+
+// gfnmap: Vcpu::read_u64 on a populated second-level table (4K leaves).
+void BM_TableHit_Gfnmap(benchmark::State& state) {
+  Guest g;
+  if (!g.init(kHitBytes, static_cast<unsigned>(state.range(0)), RegionKind::kAnonymous, state)) return;
+  g.touch_all();
+  auto offs = random_offsets(kHitBytes, kHitSamples);
+  size_t i = 0;
+  uint64_t sum = 0;
+  for (auto _ : state) {
+    uint64_t x = 0;
+    (void)g.vcpu->read_u64(Gpa(kGuestBase + offs[i++ & (kHitSamples - 1)]), &x);
+    sum += x;
+  }
+  benchmark::DoNotOptimize(sum);
+}
+BENCHMARK(BM_TableHit_Gfnmap)->Arg(1)->Arg(8)->Arg(64);
+
+// Floor: MADV_POPULATE_WRITE of 1 GiB (4K or THP), ns per 4K page.
+void populate_floor(benchmark::State& state, bool thp) {
+  for (auto _ : state) {
+    void* p = mmap(nullptr, kGiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      state.SkipWithError("mmap failed");
+      return;
+    }
+    madvise(p, kGiB, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    auto t0 = std::chrono::steady_clock::now();
+    madvise(p, kGiB, MADV_POPULATE_WRITE);
+    auto t1 = std::chrono::steady_clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    munmap(p, kGiB);
+  }
+  state.counters["ns_per_page"] = benchmark::Counter(
+      static_cast<double>(kGiB / kPageSize) * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+void BM_FaultIn1G_PopulateWriteFloor4K(benchmark::State& s) { populate_floor(s, false); }
+void BM_FaultIn1G_PopulateWriteFloorThp(benchmark::State& s) { populate_floor(s, true); }
+BENCHMARK(BM_FaultIn1G_PopulateWriteFloor4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_PopulateWriteFloorThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+
+// gfnmap: first-touch write of every page of 1 GiB through Vcpu::write_u64.
+void fault_in(benchmark::State& state, RegionKind kind) {
+  double metadata_pct = 0;
+  for (auto _ : state) {
+    Guest g;
+    if (!g.init(kGiB, 1, kind, state)) return;
+    auto t0 = std::chrono::steady_clock::now();
+    g.touch_all();
+    auto t1 = std::chrono::steady_clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    metadata_pct = 100.0 * static_cast<double>(g.mmu->metadata_bytes()) / static_cast<double>(kGiB);
+  }
+  state.counters["ns_per_page"] = benchmark::Counter(
+      static_cast<double>(kGiB / kPageSize) * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.counters["metadata_pct"] = metadata_pct;
+}
+void BM_FaultIn1G_Gfnmap4K(benchmark::State& s) { fault_in(s, RegionKind::kAnonymous); }
+void BM_FaultIn1G_GfnmapThp(benchmark::State& s) { fault_in(s, RegionKind::kThp); }
+BENCHMARK(BM_FaultIn1G_Gfnmap4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_GfnmapThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+
+// Invalidation of 1 GiB of 4K leaves (the notifier's work: zap + flush, no host munmap).
+void BM_Invalidate1G(benchmark::State& state) {
+  Guest g;
+  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state)) return;
+  for (auto _ : state) {
+    state.PauseTiming();
+    g.touch_all();
+    state.ResumeTiming();
+    g.mmu->invalidate_range_start(g.base, g.base + kGiB);
+    g.mmu->invalidate_range_end(g.base, g.base + kGiB);
+  }
+}
+BENCHMARK(BM_Invalidate1G)->Iterations(3)->Unit(benchmark::kMillisecond);
+
+// KVM_GET_DIRTY_LOG of 1 GiB with every page dirty (fetch-and-clear + write-protect + flush).
+void BM_DirtyLogGet1G(benchmark::State& state) {
+  Guest g;
+  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state)) return;
+  g.touch_all();
+  UserspaceMemoryRegion region;
+  region.slot = 0;
+  region.flags = kMemLogDirtyPages;
+  region.guest_phys_addr = kGuestBase;
+  region.memory_size = kGiB;
+  region.userspace_addr = g.base.value;
+  if (!g.slots.set_memory_region(region)) {
+    state.SkipWithError("enabling dirty logging failed");
+    return;
+  }
+  std::vector<uint64_t> bm(dirty_bitmap_words(kGiB / kPageSize));
+  uint64_t pages = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    g.touch_all();  // the fast path marks every page dirty again
+    state.ResumeTiming();
+    auto r = g.dirty->get_dirty_log(0, bm);
+    if (r) pages += *r;
+  }
+  state.counters["pages_per_get"] =
+      static_cast<double>(pages) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_DirtyLogGet1G)->Iterations(3)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -475,7 +475,8 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
         uint64_t npfn = alloc_frames_locked(1, 1, FrameKind::kAnon);
         if (data) std::memcpy(data_locked(*frame_locked(npfn)), data->data(), kPageSize);
         ptes.erase(pg);
-        map_pte_locked(pg, npfn, write, write, true);
+        // do_swap_page: an exclusive page comes back writable when the VMA allows writes.
+        map_pte_locked(pg, npfn, has(v->prot, Prot::kWrite), write, true);
         ++counts.page_ins;
         continue;
       }
@@ -490,13 +491,15 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
         if (first == ptes.end() || first->first >= page_no(rs + detail::k2M)) {
           const uint64_t n = detail::k2M / kPageSize;
           uint64_t base = alloc_frames_locked(n, n, FrameKind::kAnon);
-          for (uint64_t i = 0; i < n; ++i) map_pte_locked(page_no(rs) + i, base + i, true, true, true);
+          for (uint64_t i = 0; i < n; ++i) {
+            map_pte_locked(page_no(rs) + i, base + i, has(v->prot, Prot::kWrite), true, true);
+          }
           huge[rs] = PgLevel::k2M;
           continue;
         }
       }
       uint64_t npfn = alloc_frames_locked(1, 1, FrameKind::kAnon);
-      map_pte_locked(pg, npfn, true, true, true);
+      map_pte_locked(pg, npfn, has(v->prot, Prot::kWrite), true, true);
       continue;
     }
 

@@ -405,8 +405,16 @@ bool PageServer::read_and_dispatch() {
     if (ev.kind == UFFD_EVENT_REMOVE) handle_remove(Hva(ev.a), Hva(ev.b));
     if (ev.kind == UFFD_EVENT_UNMAP) handle_unmap(Hva(ev.a), Hva(ev.b));
     if (ev.kind == UFFD_EVENT_REMAP && host_) {
+      int prot = PROT_READ | PROT_WRITE;
+      for (const RegionInfo& info : host_->regions()) {
+        if (info.start <= Hva(ev.a) && Hva(ev.a) < info.end) {
+          prot = ((info.vm_flags & kVmRead) ? PROT_READ : 0) |
+                 ((info.vm_flags & kVmWrite) ? PROT_WRITE : 0);
+        }
+      }
       host_->notify_external_unmap(Hva(ev.a), Hva(ev.a + ev.c));
       RegionSpec spec;
+      spec.prot = prot;
       spec.kind = RegionKind::kLazy;
       spec.size = ev.c;
       spec.addr = Hva(ev.b);

@@ -336,6 +336,28 @@ TEST(PageServer, UnmapBehindGfnmapsBackRemovesTheVma) {
   f.host->unregister_notifier(&n);
 }
 
+TEST(PageServer, RemapMovesTheRangeAndTheRegion) {
+  auto bytes = pattern(8);
+  MemorySource mem(bytes);
+  Fixture f = make(mem, 8);
+  if (!f.server->features().event_remap) GTEST_SKIP() << "UFFD_FEATURE_EVENT_REMAP missing";
+  EXPECT_EQ(hva_bytes(f.base)[0], 1);  // page 0 served before the move
+  void* target = mmap(nullptr, 4 * kPageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(target, MAP_FAILED);
+  void* moved = mremap(testing::hva_ptr(f.base), 4 * kPageSize, 4 * kPageSize,
+                       MREMAP_MAYMOVE | MREMAP_FIXED, target);
+  ASSERT_EQ(moved, target);
+  const Hva to(reinterpret_cast<uint64_t>(moved));
+  EXPECT_TRUE(eventually([&] { return f.server->stats().remaps == 1; }));
+  EXPECT_TRUE(eventually([&] { return f.host->vma_lookup(to).has_value(); }));
+  EXPECT_FALSE(f.host->vma_lookup(f.base));
+  EXPECT_EQ(hva_bytes(to)[0], 1) << "the served page moved with the mapping";
+  EXPECT_EQ(hva_bytes(to + 2 * kPageSize)[0], 3) << "a missing page is served from its offset";
+  EXPECT_EQ(hva_bytes(f.base + 5 * kPageSize)[0], 6) << "the rest stays where it was";
+  f.server.reset();
+  munmap(moved, 4 * kPageSize);
+}
+
 TEST(PageServer, EexistWakesTheFaulter) {
   auto bytes = pattern(4);
   MemorySource mem(bytes);

@@ -107,7 +107,7 @@ Page gfn_to_page(HostMm& mm, const MemslotSet& set, Gfn gfn, bool write);
 
 // kvm_prefetch_pages: fast-only write lookups of n consecutive gfns (never sleeps). Returns -1
 // for an error hva, 0 when fewer than n pages remain in the slot, else the count obtained (each
-// with one reference in pages[i]).
+// with one reference in pages[i]). A null `pages` with n > 0 is bad input: -1, nothing taken.
 int prefetch_pages(HostMm& mm, const Memslot* slot, Gfn gfn, Page* pages, int n);
 
 // Release helpers (spec 6). A null Page is a no-op in all of them.

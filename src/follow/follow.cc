@@ -147,6 +147,7 @@ int prefetch_pages(HostMm& mm, const Memslot* slot, Gfn gfn, Page* pages, int n)
   Hva hva = gfn_to_hva_many(slot, gfn, &nr_pages, true);
   if (kvm_is_error_hva(hva)) return -1;
   if (n < 0 || nr_pages < static_cast<uint64_t>(n)) return 0;
+  if (n > 0 && pages == nullptr) return -1;  // bad input: nowhere to put the references
   int got = 0;
   while (got < n && mm.get_user_page_fast_only(hva + got * kPageSize, kFollWrite, &pages[got])) {
     ++got;

@@ -33,12 +33,17 @@ void set_path(Request& req, FollowPath path) {
 
 bool is_write(const Request& req) { return req.flags & kFollWrite; }
 
-// kvm_resolve_pfn: exactly one of (page, pte) produced the result.
+// kvm_resolve_pfn: exactly one of (page, pte) produced the result. A held page gives its own
+// pfn; a remapped result (no page, or a [v7] page not held) gives the PTE's pfn.
 Pfn resolve(Request& req, const Page& page, bool writable) {
   req.writable = writable;
   req.writable_resolved = true;
   req.page = page;
   return page.pfn;
+}
+Pfn resolve_pte(Request& req, Pfn pte_pfn, bool writable) {
+  resolve(req, Page{}, writable);
+  return pte_pfn;
 }
 
 // Gives up a reference we took but must not hand out ([v7] without kFollGet).
@@ -161,7 +166,7 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   set_path(req, FollowPath::kRemapped);
   if (!req.sem.v7) {
     // [merged] never a reference: valid only under MMU-notifier protection.
-    *pfn = resolve(req, Page{}, pte.writable);
+    *pfn = resolve_pte(req, pte.pfn, pte.writable);
     note(req, 21, "remapped: PTE pfn ", hex(pfn->value), pte.writable ? " writable" : " read-only",
          ", no reference");
     return 0;
@@ -170,7 +175,7 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   bool writable = pte.writable && req.try_writable;
   std::optional<Page> page = mm.pfn_to_refcounted_page(pte.pfn, req.hva);
   if (!page) {
-    *pfn = resolve(req, Page{}, writable);
+    *pfn = resolve_pte(req, pte.pfn, writable);
     note(req, 21, "remapped: PTE pfn ", hex(pfn->value), ", no refcounted page");
     return 0;
   }
@@ -187,7 +192,7 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   // Guarded and without FOLL_GET: report whether a reference could have been taken.
   bool could_get = mm.get_page_unless_zero(*page);
   if (could_get) mm.put_page(*page);
-  *pfn = resolve(req, Page{}, writable);
+  *pfn = resolve_pte(req, pte.pfn, writable);
   req.is_refcounted_page = could_get;
   note(req, 24, "remapped [v7]: no FOLL_GET, guarded; is_refcounted_page = ",
        could_get ? "true" : "false");

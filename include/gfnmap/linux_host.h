@@ -109,6 +109,10 @@ struct LinuxRegionSet;
 // an unblocked signal's handler runs. A fatal signal cannot be observed from user space (the
 // process is gone): fatal_signal_pending() is always false.
 //
+// Notifier subscribers must unregister before they are destroyed; callbacks run on the thread
+// that made the change (for userfaultfd events, a page-server thread) and must not call back
+// into LinuxHost's region changes. The destructor calls release() on the subscribers left.
+//
 // Lock order: mmap lock (shared_mutex) > regions publish lock. The fast path takes no lock.
 class LinuxHost final : public HostMm {
  public:

@@ -263,6 +263,7 @@ TYPED_TEST(Conformance, Row21_DeviceMemoryIsNeverRefcounted) {
     Page page;
     Outcome o = this->faultin(slot, 1, f, &page);
     EXPECT_FALSE(is_error_noslot_pfn(o.pfn)) << pfn_to_string(o.pfn);
+    EXPECT_NE(o.pfn.value, 0u) << "the PTE's pfn";
     EXPECT_TRUE(o.writable) << "the PTE's write bit, also for reads";
     EXPECT_FALSE(o.has_ref) << "remapped pfns never get a reference (invariant 3)";
     EXPECT_EQ(o.path, FollowPath::kRemapped);

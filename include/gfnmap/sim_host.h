@@ -249,9 +249,11 @@ class SimHost final : public HostMm {
   // mprotect: new protection for [hva, hva + len), which must be fully mapped (ENOMEM).
   // Removing write makes PTEs read-only; adding it changes no PTE (the next write faults).
   [[nodiscard]] Result<void> mprotect(Hva hva, uint64_t len, Prot prot);
-  // mremap(MREMAP_MAYMOVE [| MREMAP_FIXED]): moves [old_hva, old_hva + old_len), which must lie
-  // in one VMA (EFAULT), to a new place of new_len bytes (new_hva if given), keeping its frames
-  // and PTEs. Returns the new address. Notifiers: invalidate of the old range.
+  // mremap(MREMAP_MAYMOVE [| MREMAP_FIXED]): [old_hva, old_hva + old_len) must lie in one VMA
+  // (EFAULT). Without new_hva, a shrink or same size stays in place (the tail is unmapped) and a
+  // grow moves the range to a fresh place; with new_hva it moves there (replacing whatever was
+  // mapped, EINVAL if it overlaps the old range). Frames and PTEs move with it. Returns the new
+  // address. Notifiers: an invalidation of the old range (and munmap's for replaced ranges).
   [[nodiscard]] Result<Hva> mremap(Hva old_hva, uint64_t old_len, uint64_t new_len,
                                    std::optional<Hva> new_hva = std::nullopt);
   // madvise(MADV_DONTNEED): drops the PTEs of the range (anonymous private pages read back as

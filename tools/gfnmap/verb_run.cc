@@ -65,6 +65,7 @@ struct RunOptions {
   bool progress = false;
   bool no_progress = false;
   bool pagemap = false;
+  uint32_t fault_around = 0;
 };
 
 struct HostSetup {
@@ -126,6 +127,7 @@ void setup_host(const RunOptions& o, uint64_t bytes, HostSetup* h) {
   }
   LinuxHost::Options lo;
   lo.pfn_source = o.pagemap ? PfnSource::kAuto : PfnSource::kVirtual;
+  lo.fault_around_pages = o.fault_around;
   auto host = LinuxHost::create(lo);
   if (!host) bad("real memory unavailable: " + error_to_string(host.error()));
   h->linux_host = std::move(*host);
@@ -168,6 +170,9 @@ int run_workload(const RunOptions& o) {
   else if (o.max_level == "1g") max_level = PgLevel::k1G;
   else bad("--max-level " + o.max_level + ": expected 4k, 2m or 1g");
   if (!o.file.empty() && o.backing != "file") bad("--file needs --backing file");
+  if (o.fault_around > 512 || (o.fault_around & (o.fault_around - 1)) != 0) {
+    bad(fmt::format("--fault-around {}: expected 0 or a power of two up to 512", o.fault_around));
+  }
 
   // ---- Host, memslots, MMU.
   HostSetup host;
@@ -322,6 +327,7 @@ int run_workload(const RunOptions& o) {
                    {"async_pf", o.async_pf},
                    {"max_level", o.max_level},
                    {"pagemap", o.pagemap},
+                   {"fault_around", o.fault_around},
                    {"seed", o.seed}};
     j["pages"] = pages;
     j["pages_per_vcpu"] = per_vcpu;
@@ -428,6 +434,10 @@ GFNMAP_VERB("run", "run a memstress-like workload of software vCPUs through the 
               cmd.add_flag("--pagemap", o->pagemap,
                            "real memory: report physical pfns from /proc/self/pagemap (one "
                            "pread per fault) instead of host virtual page numbers");
+              cmd.add_option("--fault-around", o->fault_around,
+                             "real anon/memfd memory: a slow-path fault populates this many "
+                             "aligned pages at once (0 = off, as KVM: one page per fault)")
+                  ->capture_default_str();
               cmd.add_flag("--json", o->json, "print one JSON document (docs/run.md)");
               cmd.add_flag("--progress", o->progress,
                            "progress bar on stderr even when it is not a terminal");

@@ -324,6 +324,31 @@ TEST_F(LinuxHostTest, Row14_NowaitOnFilePageNotInPageCache) {
   host->put_page(page);
 }
 
+TEST_F(LinuxHostTest, Row10_InterruptibleWaitForFileIo) {
+  TempFile f(4 * kPageSize, 1);
+  ASSERT_GE(f.fd, 0);
+  ASSERT_EQ(fdatasync(f.fd), 0);
+  ASSERT_EQ(posix_fadvise(f.fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  RegionInfo r = make(RegionKind::kFileShared, 4 * kPageSize, PROT_READ | PROT_WRITE, f.fd);
+  unsigned char v = 1;
+  ASSERT_EQ(mincore(testing::hva_ptr(r.start + 2 * kPageSize), kPageSize, &v), 0);
+  if (v & 1) GTEST_SKIP() << "the file page stayed in the page cache; nothing to wait for";
+  sigset_t set, old;
+  sigemptyset(&set);
+  sigaddset(&set, SIGUSR2);
+  ASSERT_EQ(pthread_sigmask(SIG_BLOCK, &set, &old), 0);
+  pthread_kill(pthread_self(), SIGUSR2);
+  Page page;
+  EXPECT_EQ(gup(r.start + 2 * kPageSize, kFollInterruptible, &page), -EINTR)
+      << "a pending signal ends an interruptible wait for I/O";
+  EXPECT_TRUE(host->signal_pending()) << "and stays pending";
+  ASSERT_EQ(gup(r.start + 2 * kPageSize, 0, &page), 1) << "without INTERRUPTIBLE it waits";
+  host->put_page(page);
+  timespec zero{0, 0};
+  EXPECT_EQ(sigtimedwait(&set, nullptr, &zero), SIGUSR2);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
 TEST_F(LinuxHostTest, FileSharedWriteReachesTheFile) {
   TempFile f(4 * kPageSize, 0);
   RegionInfo r = make(RegionKind::kFileShared, 4 * kPageSize, PROT_READ | PROT_WRITE, f.fd);

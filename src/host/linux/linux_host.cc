@@ -749,12 +749,16 @@ int LinuxHost::wait_interruptible(const LinuxRegion& r, Hva hva, bool interrupti
   if (r.kind == RegionKind::kLazy) return r.lazy->wait_ready(hva, sigfd);
   // File page not in the page cache: start the read, wait interruptibly until it is there.
   madvise(ptr(page_down(hva)), kPageSize, MADV_WILLNEED);
+  // The signal is looked at first: a pending signal ends the wait even if the read is quick.
   for (;;) {
+    pollfd p{sigfd, POLLIN, 0};
+    timespec ts{0, 0};
+    int n = ppoll(&p, 1, &ts, nullptr);
+    if (n > 0 || (n < 0 && errno == EINTR)) return -EINTR;
     unsigned char v = 0;
     if (mincore(ptr(page_down(hva)), kPageSize, &v) != 0 || (v & 1)) return 0;
-    pollfd p{sigfd, POLLIN, 0};
-    timespec ts{0, 100000};
-    int n = ppoll(&p, 1, &ts, nullptr);
+    ts = timespec{0, 100000};
+    n = ppoll(&p, 1, &ts, nullptr);
     if (n > 0 || (n < 0 && errno == EINTR)) return -EINTR;
   }
 }

@@ -381,6 +381,35 @@ TEST(Invariants, Invariant14_V7AtomicNeverSleepsAndRejectsNowait) {
   EXPECT_EQ(env->host.outstanding_refs(), 0u);
 }
 
+// [merged] half of invariant 14: atomic is gone; the non-sleeping user is prefetch_pages, which
+// only ever makes fast-only lookups: on every state it never calls GUP, never takes the mmap
+// lock for a VMA walk, never faults, and every page it returns holds one reference.
+TEST(Invariants, Invariant14_MergedPrefetchIsFastOnly) {
+  for (State state : all_states()) {
+    for (int n : {1, 2}) {
+      SCOPED_TRACE(std::string(to_string(state)) + " n=" + std::to_string(n));
+      std::unique_ptr<Env> env = make_env(state);
+      ASSERT_TRUE(env);
+      Page pages[2];
+      const int got = prefetch_pages(env->host, env->slot_ptr(), env->gfn, pages, n);
+      const SimCounters c = env->host.counters();
+      EXPECT_EQ(c.slow_gups, 0u);
+      EXPECT_EQ(c.vma_lookups, 0u);
+      EXPECT_EQ(c.fixups, 0u);
+      EXPECT_EQ(c.faults, 0u);
+      if (got > 0) {
+        EXPECT_EQ(c.fast_hits, uint64_t(got));
+        EXPECT_EQ(env->host.outstanding_refs(), uint64_t(got));
+      } else {
+        EXPECT_EQ(env->host.outstanding_refs(), 0u);
+      }
+      for (int i = 0; i < got; ++i) release_page_unused(pages[i]);
+      EXPECT_EQ(env->host.outstanding_refs(), 0u);
+      EXPECT_EQ(env->host.violations(), 0u);
+    }
+  }
+}
+
 TEST(Invariants, Invariant15_StaleVmaNeverUsedAfterFixupDropsLock) {
   // Replaced by new device memory: the new pfn (also checked in Row19).
   {

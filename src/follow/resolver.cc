@@ -15,17 +15,21 @@ std::string hex(uint64_t v) {
   return buf;
 }
 
-// Records a decision (row of spec 4, 0 for none) and its explanation. Costs a branch when
-// nobody traces.
+// Records a decision (row of spec 4, 0 for none) and its explanation. Called only through
+// GFNMAP_NOTE, so that nothing is formatted when nobody traces (the fast path stays cheap).
 template <class... Parts>
-void note(Request& req, int row, const Parts&... parts) {
-  if (!req.trace) return;
+void note_traced(Request& req, int row, const Parts&... parts) {
   if (row) req.trace->rows.push_back(row);
   std::string line;
   if (row) line = "row " + std::to_string(row) + ": ";
   ((line += parts), ...);
   req.trace->steps.push_back(std::move(line));
 }
+
+#define GFNMAP_NOTE(req, row, ...)                           \
+  do {                                                       \
+    if ((req).trace) note_traced((req), (row), __VA_ARGS__); \
+  } while (0)
 
 void set_path(Request& req, FollowPath path) {
   if (req.trace) req.trace->path = path;
@@ -58,12 +62,12 @@ void drop_if_unwanted(HostMm& mm, Request& req) {
 // pure read through a write lookup could race a CoW break (spec 3.2 step 2).
 bool hva_to_pfn_fast(HostMm& mm, Request& req, Pfn* pfn) {
   if (!is_write(req) && !req.try_writable) {
-    note(req, 6, "read without map_writable: fast path skipped");
+    GFNMAP_NOTE(req, 6, "read without map_writable: fast path skipped");
     return false;
   }
   Page page;
   if (!mm.get_user_page_fast_only(req.hva, kFollWrite | (req.pin ? kFollPin : 0), &page)) {
-    note(req, 0, "fast path: no present writable PTE");
+    GFNMAP_NOTE(req, 0, "fast path: no present writable PTE");
     return false;
   }
   // [v7] writable reports the upgrade permission, not the mapping (Sean's objection).
@@ -72,7 +76,7 @@ bool hva_to_pfn_fast(HostMm& mm, Request& req, Pfn* pfn) {
   req.is_refcounted_page = true;
   drop_if_unwanted(mm, req);
   set_path(req, FollowPath::kFast);
-  note(req, 5, "fast path: present writable PTE, pfn ", hex(pfn->value));
+  GFNMAP_NOTE(req, 5, "fast path: present writable PTE, pfn ", hex(pfn->value));
   return true;
 }
 
@@ -83,7 +87,7 @@ long hva_to_pfn_slow(HostMm& mm, Request& req, Pfn* pfn) {
   if (req.pin) gup |= kFollPin;
   Page page;
   long npages = mm.get_user_pages_unlocked(req.hva, gup, &page);
-  note(req, 0, "slow path: GUP(", foll_flags_to_string(gup), ") = ", std::to_string(npages));
+  GFNMAP_NOTE(req, 0, "slow path: GUP(", foll_flags_to_string(gup), ") = ", std::to_string(npages));
   if (npages != 1) return npages;
 
   bool writable;
@@ -102,7 +106,7 @@ long hva_to_pfn_slow(HostMm& mm, Request& req, Pfn* pfn) {
     }
   } else {
     if (req.pin && req.try_writable) {
-      note(req, 0, "WARN: pin with map_writable, no upgrade (invariant 8)");
+      GFNMAP_NOTE(req, 0, "WARN: pin with map_writable, no upgrade (invariant 8)");
     } else if (!is_write(req) && req.try_writable) {
       Page wpage;
       if (mm.get_user_page_fast_only(req.hva, kFollWrite, &wpage)) {
@@ -118,11 +122,11 @@ long hva_to_pfn_slow(HostMm& mm, Request& req, Pfn* pfn) {
   drop_if_unwanted(mm, req);
   set_path(req, FollowPath::kSlow);
   if (is_write(req)) {
-    note(req, 7, "slow path: write fault resolved, pfn ", hex(pfn->value));
+    GFNMAP_NOTE(req, 7, "slow path: write fault resolved, pfn ", hex(pfn->value));
   } else if (upgraded) {
-    note(req, 8, "slow path: read fault upgraded by a fast write lookup, pfn ", hex(pfn->value));
+    GFNMAP_NOTE(req, 8, "slow path: read fault upgraded by a fast write lookup, pfn ", hex(pfn->value));
   } else {
-    note(req, 9, "slow path: read fault, upgrade ",
+    GFNMAP_NOTE(req, 9, "slow path: read fault, upgrade ",
          req.try_writable ? "impossible (PTE read-only, CoW or zero page, or pin)"
                           : "not requested",
          ", pfn ", hex(pfn->value));
@@ -135,7 +139,7 @@ long hva_to_pfn_slow(HostMm& mm, Request& req, Pfn* pfn) {
 int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   const bool write = is_write(req);
   if (!req.sem.v7 && req.pin && !req.sem.allow_unsafe_mappings) {
-    note(req, 17, "remapped: pinning VM_IO/VM_PFNMAP memory refused (allow_unsafe_mappings off)");
+    GFNMAP_NOTE(req, 17, "remapped: pinning VM_IO/VM_PFNMAP memory refused (allow_unsafe_mappings off)");
     return -EINVAL;
   }
   PfnmapPte pte;
@@ -144,22 +148,22 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
     bool unlocked = false;
     r = mm.fixup_user_fault(req.hva, write, &unlocked);
     if (unlocked) {
-      note(req, 19, "remapped: fixup_user_fault dropped the mmap lock, VMA looked up again");
+      GFNMAP_NOTE(req, 19, "remapped: fixup_user_fault dropped the mmap lock, VMA looked up again");
       return -EAGAIN;
     }
     if (r) {
-      note(req, 18, "remapped: PTE missing and fixup_user_fault failed (", std::to_string(r),
+      GFNMAP_NOTE(req, 18, "remapped: PTE missing and fixup_user_fault failed (", std::to_string(r),
            ")");
       return r;
     }
     r = mm.follow_pfnmap(req.hva, &pte);
     if (r) {
-      note(req, 18, "remapped: PTE still missing after fixup (", std::to_string(r), ")");
+      GFNMAP_NOTE(req, 18, "remapped: PTE still missing after fixup (", std::to_string(r), ")");
       return r;
     }
   }
   if (write && !pte.writable) {
-    note(req, 20, "remapped: write to a read-only PTE");
+    GFNMAP_NOTE(req, 20, "remapped: write to a read-only PTE");
     *pfn = kPfnErrRoFault;
     return 0;
   }
@@ -167,7 +171,7 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   if (!req.sem.v7) {
     // [merged] never a reference: valid only under MMU-notifier protection.
     *pfn = resolve_pte(req, pte.pfn, pte.writable);
-    note(req, 21, "remapped: PTE pfn ", hex(pfn->value), pte.writable ? " writable" : " read-only",
+    GFNMAP_NOTE(req, 21, "remapped: PTE pfn ", hex(pfn->value), pte.writable ? " writable" : " read-only",
          ", no reference");
     return 0;
   }
@@ -176,17 +180,17 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   std::optional<Page> page = mm.pfn_to_refcounted_page(pte.pfn, req.hva);
   if (!page) {
     *pfn = resolve_pte(req, pte.pfn, writable);
-    note(req, 21, "remapped: PTE pfn ", hex(pfn->value), ", no refcounted page");
+    GFNMAP_NOTE(req, 21, "remapped: PTE pfn ", hex(pfn->value), ", no refcounted page");
     return 0;
   }
   if (req.keep_ref) {
     if (!mm.get_page_unless_zero(*page)) {
-      note(req, 22, "remapped [v7]: page looks refcounted but its refcount is 0");
+      GFNMAP_NOTE(req, 22, "remapped [v7]: page looks refcounted but its refcount is 0");
       return -EFAULT;
     }
     *pfn = resolve(req, *page, writable);
     req.is_refcounted_page = true;
-    note(req, 23, "remapped [v7]: reference taken on pfn ", hex(pfn->value));
+    GFNMAP_NOTE(req, 23, "remapped [v7]: reference taken on pfn ", hex(pfn->value));
     return 0;
   }
   // Guarded and without FOLL_GET: report whether a reference could have been taken.
@@ -194,7 +198,7 @@ int hva_to_pfn_remapped(HostMm& mm, Request& req, Pfn* pfn) {
   if (could_get) mm.put_page(*page);
   *pfn = resolve_pte(req, pte.pfn, writable);
   req.is_refcounted_page = could_get;
-  note(req, 24, "remapped [v7]: no FOLL_GET, guarded; is_refcounted_page = ",
+  GFNMAP_NOTE(req, 24, "remapped [v7]: no FOLL_GET, guarded; is_refcounted_page = ",
        could_get ? "true" : "false");
   return 0;
 }
@@ -210,7 +214,7 @@ Pfn classify_failure_locked(HostMm& mm, Request& req) {
   for (;;) {
     std::optional<Vma> vma = mm.vma_lookup(req.hva);
     if (!vma) {
-      note(req, 13, "no VMA covers hva ", hex(req.hva.value));
+      GFNMAP_NOTE(req, 13, "no VMA covers hva ", hex(req.hva.value));
       return kPfnErrFault;
     }
     if (vma->vm_flags & (kVmIo | kVmPfnmap)) {
@@ -222,13 +226,13 @@ Pfn classify_failure_locked(HostMm& mm, Request& req) {
     }
     const bool valid = vma_permits(*vma, is_write(req));
     if ((req.flags & kFollNowait) && valid) {
-      note(req, 14, "NOWAIT and the VMA permits the access: needs I/O");
+      GFNMAP_NOTE(req, 14, "NOWAIT and the VMA permits the access: needs I/O");
       return kPfnErrNeedsIo;
     }
     if (!valid) {
-      note(req, 15, "the VMA forbids the ", is_write(req) ? "write" : "read");
+      GFNMAP_NOTE(req, 15, "the VMA forbids the ", is_write(req) ? "write" : "read");
     } else {
-      note(req, 16, "GUP failed on an ordinary VMA");
+      GFNMAP_NOTE(req, 16, "GUP failed on an ordinary VMA");
     }
     return kPfnErrFault;
   }
@@ -236,34 +240,34 @@ Pfn classify_failure_locked(HostMm& mm, Request& req) {
 
 Pfn hva_to_pfn(HostMm& mm, Request& req) {
   if (!req.sem.v7 && !req.need_page_out) {
-    note(req, 27, "WARN: refcounted_page out-parameter missing");
+    GFNMAP_NOTE(req, 27, "WARN: refcounted_page out-parameter missing");
     return kPfnErrFault;
   }
   if (req.sem.v7 && !req.keep_ref && !req.guarded) {
-    note(req, 26, "WARN: neither FOLL_GET nor guarded_by_mmu_notifier");
+    GFNMAP_NOTE(req, 26, "WARN: neither FOLL_GET nor guarded_by_mmu_notifier");
     return kPfnErrFault;
   }
   if (req.atomic && (req.flags & kFollNowait)) {
-    note(req, 0, "WARN: atomic with FOLL_NOWAIT (a BUG in v7)");
+    GFNMAP_NOTE(req, 0, "WARN: atomic with FOLL_NOWAIT (a BUG in v7)");
     return kPfnErrFault;
   }
 
   Pfn pfn;
   if (hva_to_pfn_fast(mm, req, &pfn)) return pfn;
   if (req.atomic) {
-    note(req, 25, "atomic: fast path missed, no sleeping");
+    GFNMAP_NOTE(req, 25, "atomic: fast path missed, no sleeping");
     return kPfnErrFault;
   }
   long npages = hva_to_pfn_slow(mm, req, &pfn);
   if (npages == 1) return pfn;
 
   if (npages == -EINTR || (!req.sem.v7 && npages == -EAGAIN)) {
-    note(req, npages == -EINTR ? 10 : 11, "GUP interrupted by a signal");
+    GFNMAP_NOTE(req, npages == -EINTR ? 10 : 11, "GUP interrupted by a signal");
     return kPfnErrSigpending;
   }
-  if (npages == -EAGAIN) note(req, 11, "[v7] GUP -EAGAIN: classified through the VMA");
+  if (npages == -EAGAIN) GFNMAP_NOTE(req, 11, "[v7] GUP -EAGAIN: classified through the VMA");
   if (npages == -EHWPOISON && !req.sem.v7) {
-    note(req, 12, "GUP: the page is poisoned");
+    GFNMAP_NOTE(req, 12, "GUP: the page is poisoned");
     return kPfnErrHwpoison;
   }
 
@@ -278,7 +282,7 @@ Pfn hva_to_pfn(HostMm& mm, Request& req) {
                        if (r == 1) mm.put_page(probe);
                        return r == -EHWPOISON;
                      }()))) {
-    note(req, 12, "the page is poisoned");
+    GFNMAP_NOTE(req, 12, "the page is poisoned");
     result = kPfnErrHwpoison;
   } else {
     result = classify_failure_locked(mm, req);
@@ -292,26 +296,26 @@ Pfn hva_to_pfn(HostMm& mm, Request& req) {
 Pfn follow(HostMm& mm, Request& req) {
   if (req.flags & ~kFollCallerFlags || (!req.sem.v7 && (req.flags & kFollGet))) {
     req.hva = kHvaErrBad;
-    note(req, 0, "WARN: flags ", foll_flags_to_string(req.flags), " not allowed here");
+    GFNMAP_NOTE(req, 0, "WARN: flags ", foll_flags_to_string(req.flags), " not allowed here");
     return kPfnErrFault;
   }
   req.hva = gfn_to_hva_many(req.slot, req.gfn, nullptr, is_write(req));
   if (req.hva == kHvaErrRoBad) {
-    note(req, 3, "write to READONLY slot ", std::to_string(req.slot->id));
+    GFNMAP_NOTE(req, 3, "write to READONLY slot ", std::to_string(req.slot->id));
     return kPfnErrRoFault;
   }
   if (kvm_is_error_hva(req.hva)) {
     if (req.slot == nullptr) {
-      note(req, 1, "no memslot holds gfn ", hex(req.gfn.value));
+      GFNMAP_NOTE(req, 1, "no memslot holds gfn ", hex(req.gfn.value));
     } else {
-      note(req, 2, "memslot ", std::to_string(req.slot->id), " is INVALID (being moved/deleted)");
+      GFNMAP_NOTE(req, 2, "memslot ", std::to_string(req.slot->id), " is INVALID (being moved/deleted)");
     }
     return kPfnNoslot;
   }
-  note(req, 0, "gfn ", hex(req.gfn.value), " -> hva ", hex(req.hva.value), " in slot ",
+  GFNMAP_NOTE(req, 0, "gfn ", hex(req.gfn.value), " -> hva ", hex(req.hva.value), " in slot ",
        std::to_string(req.slot->id));
   if (req.slot->readonly()) {
-    note(req, 4, "READONLY slot, read: writable upgrade disabled");
+    GFNMAP_NOTE(req, 4, "READONLY slot, read: writable upgrade disabled");
     if (req.try_writable) req.readonly_slot_cleared = true;
     req.try_writable = false;
   }

@@ -16,7 +16,7 @@ build: deps
 
 # The main job on its default workload.
 run: build
-	$(GFNMAP) info
+	$(GFNMAP) run
 
 test: test-release test-asan test-tsan
 	@echo "make test: release, asan+ubsan and tsan suites all passed"

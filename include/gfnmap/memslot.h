@@ -91,8 +91,9 @@ class MemslotListener {
   virtual void commit_memory_region(const Memslot* old_slot, const Memslot* new_slot,
                                     MemslotChange change);
   // kvm_arch_memslots_updated: after every swap of an address space's active set, once every
-  // reader of the old set has left. `generation` is the new one; as in KVM the active set still
-  // shows it with kMemslotGenUpdateInProgress set during this call (Memslots::generation).
+  // reader of the old set has left. `generation` is the new, final one; as in KVM the active set
+  // still shows the previous generation with kMemslotGenUpdateInProgress set during this call
+  // (Memslots::generation), and the new one only after every listener has returned.
   virtual void memslots_updated(unsigned as_id, uint64_t generation);
 };
 
@@ -137,6 +138,8 @@ class MemslotSet {
   friend class Memslots;
   friend struct Impl;
   MemslotSet() = default;
+  const Memslot* gfn_to_memslot_miss(Gfn gfn) const;
+  const Memslot* vcpu_gfn_to_memslot_miss(VcpuMemslotCache& cache, Gfn gfn, uint64_t gen) const;
 
   // An hva range [start, end) of slot by_gfn_[index].
   struct HvaRange {
@@ -161,7 +164,7 @@ class MemslotSet {
   std::vector<Memslot> by_gfn_;       // sorted by base_gfn, no overlaps
   std::vector<uint64_t> base_gfns_;   // by_gfn_[i].base_gfn, for a cache-friendly search
   std::vector<uint32_t> by_id_;       // id -> index + 1 into by_gfn_, 0 when absent
-  std::vector<HvaRange> hva_by_start_;  // every slot, sorted by (start, id); index = slot id
+  std::vector<HvaRange> hva_by_start_;  // every slot by (start, id); here `index` is the slot id
   std::vector<HvaRange> hva_chain_;   // pairwise disjoint ranges, sorted (greedy by start)
   std::vector<HvaRange> hva_rest_;    // the others (slots sharing hvas), sorted by start
   std::vector<HvaNode> hva_nodes_;    // centered interval tree over hva_rest_, root at 0
@@ -169,6 +172,24 @@ class MemslotSet {
   std::vector<HvaRange> hva_node_by_end_;
   mutable std::atomic<const Memslot*> last_used_slot_{nullptr};
 };
+
+// The cache hits are inline (a load and a range test); misses search out of line.
+inline const Memslot* MemslotSet::gfn_to_memslot(Gfn gfn) const {
+  const Memslot* slot = last_used_slot_.load(std::memory_order_relaxed);
+  if (slot && slot->contains(gfn)) [[likely]] return slot;
+  return gfn_to_memslot_miss(gfn);
+}
+
+inline const Memslot* MemslotSet::vcpu_gfn_to_memslot(VcpuMemslotCache& cache, Gfn gfn) const {
+  const uint64_t gen = generation_.load(std::memory_order_acquire);
+  // The cache never stores an in-progress generation, and only with a slot of the set that had
+  // it, so a match means cache.slot belongs to this set (a fresh cache holds nullptr and the
+  // in-progress sentinel, which an in-progress set can show).
+  if (cache.generation == gen && cache.slot && cache.slot->contains(gfn)) [[likely]] {
+    return cache.slot;
+  }
+  return vcpu_gfn_to_memslot_miss(cache, gfn, gen);
+}
 
 class Memslots;
 
@@ -214,7 +235,8 @@ class Memslots {
   // DELETE and MOVE first publish the old slot marked INVALID and call flush_shadow_memslot.
   // Every swap waits until no MMU-notifier invalidation is active (mn_invalidate_begin/end),
   // then until every reader of the old set has left. Writers serialise; a call from a listener
-  // or from a thread inside a read section returns EDEADLK instead of deadlocking.
+  // or from a thread inside a read section (of any Memslots) returns EDEADLK instead of
+  // deadlocking. A thread inside its own mn_invalidate_begin/end window must not call it.
   Result<std::optional<MemslotChange>> set_memory_region(const UserspaceMemoryRegion& region,
                                                          RegionIoctl ioctl = RegionIoctl::kV1);
 

@@ -47,18 +47,15 @@ const Memslot* MemslotSet::search_memslots(Gfn gfn, bool approx) const {
   return approx && !by_gfn_.empty() ? &by_gfn_[0] : nullptr;
 }
 
-const Memslot* MemslotSet::gfn_to_memslot(Gfn gfn) const {
-  const Memslot* slot = last_used_slot_.load(std::memory_order_relaxed);
-  if (slot && slot->contains(gfn)) return slot;
-  slot = search_memslots(gfn);
+// Cache hits are inline in memslot.h.
+const Memslot* MemslotSet::gfn_to_memslot_miss(Gfn gfn) const {
+  const Memslot* slot = search_memslots(gfn);
   if (slot) last_used_slot_.store(slot, std::memory_order_relaxed);
   return slot;
 }
 
-const Memslot* MemslotSet::vcpu_gfn_to_memslot(VcpuMemslotCache& cache, Gfn gfn) const {
-  const uint64_t gen = generation_.load(std::memory_order_acquire);
-  // An in-progress generation never equals a cached one (the cache never stores one).
-  if (cache.generation == gen && cache.slot && cache.slot->contains(gfn)) return cache.slot;
+const Memslot* MemslotSet::vcpu_gfn_to_memslot_miss(VcpuMemslotCache& cache, Gfn gfn,
+                                                    uint64_t gen) const {
   const Memslot* slot = search_memslots(gfn);
   if (slot && !(gen & kMemslotGenUpdateInProgress)) {
     cache.slot = slot;
@@ -142,48 +139,82 @@ bool hva_key_less(const MemslotSet::Impl::HvaRangeT& a, const MemslotSet::Impl::
   return a.start != b.start ? a.start < b.start : a.index < b.index;
 }
 
+// out = in without in[rm] (rm == in.size(): nothing removed), with *add (when non-null) placed
+// before in[at] (at <= in.size()). Whole runs are copied: this is most of an update's cost.
+template <class T>
+void splice(std::vector<T>& out, const std::vector<T>& in, size_t rm, size_t at, const T* add) {
+  const size_t n = in.size();
+  out.clear();
+  out.reserve(n + 1);
+  auto copy = [&](size_t a, size_t b) {
+    if (a < b) out.insert(out.end(), in.begin() + static_cast<ptrdiff_t>(a),
+                          in.begin() + static_cast<ptrdiff_t>(b));
+  };
+  const size_t after_rm = std::min(rm + 1, n);
+  if (!add) {
+    copy(0, rm);
+    copy(after_rm, n);
+  } else if (at <= rm) {
+    copy(0, at);
+    out.push_back(*add);
+    copy(at, rm);
+    copy(after_rm, n);
+  } else {
+    copy(0, rm);
+    copy(after_rm, at);
+    out.push_back(*add);
+    copy(at, n);
+  }
+}
+
 }  // namespace
 
 void MemslotSet::Impl::fail_next_builds(unsigned n) { t_fail_builds = n; }
 
 std::unique_ptr<MemslotSet> MemslotSet::Impl::derive(const MemslotSet& old,
                                                      std::optional<uint16_t> remove_id,
-                                                     const Memslot* insert) {
+                                                     const Memslot* insert,
+                                                     std::unique_ptr<MemslotSet> reuse) {
   maybe_fail_build();
-  std::unique_ptr<MemslotSet> set(new MemslotSet());
+  std::unique_ptr<MemslotSet> set = reuse ? std::move(reuse)
+                                          : std::unique_ptr<MemslotSet>(new MemslotSet());
   MemslotSet& s = *set;
+  // Every member is rewritten below or by finish(); clear() keeps the capacity.
+  s.generation_.store(0, std::memory_order_relaxed);
+  s.last_used_slot_.store(nullptr, std::memory_order_relaxed);
+  s.by_gfn_.clear();
+  s.hva_by_start_.clear();
   s.as_id_ = old.as_id_;
   s.nr_user_slots_ = old.nr_user_slots_;
 
-  // by_gfn_: one ordered merge (the removed slot out, the inserted one in at its place).
+  // by_gfn_ and hva_by_start_ ((start, id) order, `index` = id): the old arrays with the removed
+  // slot cut out and the inserted one placed, copied as whole runs.
   const Memslot* removed = remove_id ? old.id_to_memslot(*remove_id) : nullptr;
-  s.by_gfn_.reserve(old.by_gfn_.size() + 1);
-  bool inserted = insert == nullptr;
-  for (const Memslot& m : old.by_gfn_) {
-    if (&m == removed) continue;
-    if (!inserted && insert->base_gfn < m.base_gfn) {
-      s.by_gfn_.push_back(*insert);
-      inserted = true;
-    }
-    s.by_gfn_.push_back(m);
+  const size_t n = old.by_gfn_.size();
+  size_t rm = n;
+  size_t at = n;
+  if (removed) rm = static_cast<size_t>(removed - old.by_gfn_.data());
+  if (insert) {
+    at = static_cast<size_t>(std::upper_bound(old.base_gfns_.begin(), old.base_gfns_.end(),
+                                              insert->base_gfn.value) -
+                             old.base_gfns_.begin());
   }
-  if (!inserted) s.by_gfn_.push_back(*insert);
+  splice(s.by_gfn_, old.by_gfn_, rm, at, insert);
 
-  // hva_by_start_ (every slot's hva range keyed by (start, id), `index` = id): same merge.
-  s.hva_by_start_.reserve(old.hva_by_start_.size() + 1);
+  const auto key_at = [&old](uint64_t start, uint32_t id) {
+    return static_cast<size_t>(
+        std::lower_bound(old.hva_by_start_.begin(), old.hva_by_start_.end(),
+                         HvaRange{start, 0, id}, hva_key_less) -
+        old.hva_by_start_.begin());
+  };
   std::optional<HvaRange> ins;
+  rm = at = n;
+  if (removed) rm = key_at(removed->userspace_addr.value, removed->id);
   if (insert) {
     ins = HvaRange{insert->userspace_addr.value, insert->hva_end().value, insert->id};
+    at = key_at(ins->start, ins->index);
   }
-  for (const HvaRange& r : old.hva_by_start_) {
-    if (removed && r.index == removed->id) continue;
-    if (ins && hva_key_less(*ins, r)) {
-      s.hva_by_start_.push_back(*ins);
-      ins.reset();
-    }
-    s.hva_by_start_.push_back(r);
-  }
-  if (ins) s.hva_by_start_.push_back(*ins);
+  splice(s.hva_by_start_, old.hva_by_start_, rm, at, ins ? &*ins : nullptr);
   finish(s);
   return set;
 }
@@ -207,6 +238,11 @@ std::unique_ptr<MemslotSet> MemslotSet::Impl::build(unsigned as_id, uint32_t nr_
 }
 
 void MemslotSet::Impl::finish(MemslotSet& s) {
+  s.hva_chain_.clear();
+  s.hva_rest_.clear();
+  s.hva_nodes_.clear();
+  s.hva_node_by_start_.clear();
+  s.hva_node_by_end_.clear();
   s.base_gfns_.resize(s.by_gfn_.size());
   uint32_t max_id = 0;
   for (size_t i = 0; i < s.by_gfn_.size(); ++i) {

@@ -18,10 +18,13 @@ struct MemslotSet::Impl {
                                            uint64_t generation);
   // A new, unpublished set: `old` without slot `remove_id` (when given) and with `insert`
   // (when non-null). Preconditions: the result has no gfn overlap; ids stay unique.
-  // Throws std::bad_alloc. Generation is left 0: the swap sets it.
+  // Throws std::bad_alloc. Generation is left 0: the swap sets it. `reuse` (optional) is a set
+  // no reader can reach any more; its buffers are refilled, which saves the page faults of
+  // fresh allocations (they dominate big updates).
   static std::unique_ptr<MemslotSet> derive(const MemslotSet& old,
                                             std::optional<uint16_t> remove_id,
-                                            const Memslot* insert);
+                                            const Memslot* insert,
+                                            std::unique_ptr<MemslotSet> reuse = nullptr);
   // A new, unpublished set of `slots` (any order; same preconditions). O(n log n).
   static std::unique_ptr<MemslotSet> build(unsigned as_id, uint32_t nr_user_slots,
                                            std::vector<Memslot> slots);

@@ -78,6 +78,10 @@ struct Memslots::Impl {
   Outcome set_memslot(const std::optional<Memslot>& old, const std::optional<Memslot>& next,
                       MemslotChange change);
   SetPtr swap_active(unsigned as_id, SetPtr next);
+  // Sets no reader can reach, kept to be refilled by the next derive (at most kMaxSpares).
+  SetPtr take_spare();
+  void give_spare(SetPtr set);
+  static constexpr size_t kMaxSpares = 2;
 
   MemslotsConfig config;
   detail::Srcu srcu;
@@ -86,6 +90,7 @@ struct Memslots::Impl {
   std::mutex slots_lock;                    // serialises writers and listener changes
   std::atomic<std::thread::id> writer{};    // the thread holding slots_lock, if any
   std::vector<MemslotListener*> listeners;  // guarded by slots_lock
+  std::vector<SetPtr> spares;               // guarded by slots_lock
   std::atomic<uint64_t> nr_memslot_pages{0};
 
   std::mutex mn_lock;  // mn_invalidate_lock
@@ -215,6 +220,17 @@ Memslots::Impl::SetPtr Memslots::Impl::swap_active(unsigned as_id, SetPtr next) 
   return SetPtr(cur);
 }
 
+Memslots::Impl::SetPtr Memslots::Impl::take_spare() {
+  if (spares.empty()) return nullptr;
+  SetPtr set = std::move(spares.back());
+  spares.pop_back();
+  return set;
+}
+
+void Memslots::Impl::give_spare(SetPtr set) {
+  if (set && spares.size() < kMaxSpares) spares.push_back(std::move(set));
+}
+
 Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>& old,
                                                     const std::optional<Memslot>& next,
                                                     MemslotChange change) {
@@ -229,11 +245,11 @@ Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>
     if (invalidate) {
       Memslot invalid = *old;
       invalid.flags |= kMemslotInvalid;
-      invalid_set = MemslotSet::Impl::derive(cur, old->id, &invalid);
+      invalid_set = MemslotSet::Impl::derive(cur, old->id, &invalid, take_spare());
     }
     final_set = MemslotSet::Impl::derive(cur, old ? std::optional<uint16_t>(old->id)
                                                   : std::nullopt,
-                                         next ? &*next : nullptr);
+                                         next ? &*next : nullptr, take_spare());
   } catch (const std::bad_alloc&) {
     return make_error(ENOMEM, "out of memory building the new slot set of address space ",
                       as_id);
@@ -255,7 +271,8 @@ Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>
   for (MemslotListener* l : listeners) {
     Result<void> r = l->prepare_memory_region(old_ptr, next_ptr, change);
     if (!r.ok()) {
-      if (saved) (void)swap_active(as_id, std::move(saved));  // frees the INVALID copy
+      if (saved) give_spare(swap_active(as_id, std::move(saved)));  // drops the INVALID copy
+      give_spare(std::move(final_set));
       Error e = r.error();
       if (e.code <= 0) e.code = EINVAL;
       if (e.message.empty()) e.message = "prepare_memory_region rejected the change";
@@ -263,8 +280,9 @@ Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>
     }
   }
 
-  (void)swap_active(as_id, std::move(final_set));
-  saved.reset();
+  // The sets swapped out (the old one, or the INVALID copy and the old one) have no readers.
+  give_spare(swap_active(as_id, std::move(final_set)));
+  give_spare(std::move(saved));
 
   // kvm_commit_memory_region: page total first, then the arch hook.
   if (change == MemslotChange::kDelete) nr_memslot_pages.fetch_sub(old->npages);

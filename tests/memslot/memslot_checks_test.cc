@@ -475,6 +475,8 @@ TEST(MemslotChecks, BadInputsGiveErrorsNotCrashes) {
   auto lock = slots.read_lock();
   EXPECT_EQ(lock.set(5).size(), 0u);
   EXPECT_EQ(lock.set(5).gfn_to_memslot(Gfn(0)), nullptr);
+  VcpuMemslotCache fresh;  // its sentinel generation equals the bad-as_id set's
+  EXPECT_EQ(lock.set(5).vcpu_gfn_to_memslot(fresh, Gfn(0)), nullptr);
   slots.mn_invalidate_end();  // unbalanced: ignored
   EXPECT_EQ(slots.mn_active_invalidate_count(), 0);
 }

@@ -93,6 +93,14 @@ class RecordingListener : public MemslotListener {
     EXPECT_EQ(lock.set(as_id).generation(), in_progress);
     EXPECT_EQ(generation & kMemslotGenUpdateInProgress, 0u);
     EXPECT_EQ(generation % nr_as, as_id);
+    // A fresh vCPU cache holds the in-progress sentinel, which AS 0's first swap shows
+    // (0 | bit 63): a lookup must search, not follow the cache's null slot.
+    VcpuMemslotCache fresh;
+    for (const Memslot& s : lock.set(as_id).slots()) {
+      EXPECT_EQ(lock.set(as_id).vcpu_gfn_to_memslot(fresh, s.base_gfn), &s);
+      EXPECT_EQ(fresh.generation, kMemslotGenUpdateInProgress) << "never cached in a swap";
+    }
+    EXPECT_EQ(lock.set(as_id).vcpu_gfn_to_memslot(fresh, Gfn(~uint64_t{0})), nullptr);
     // A listener must not change slots from a callback: a clear error, not a deadlock.
     auto r = slots_.set_memory_region(region(100, 0x7000000000, kMiB));
     ASSERT_FALSE(r.ok());

@@ -1,0 +1,255 @@
+// gfnmap memslot benchmarks: gfn -> memslot lookup (cache hit, cache miss, per-vCPU hit) at 1 to
+// 32,764 slots beside a std::upper_bound floor over the same starts, and create/delete cost.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "gfnmap/memslot.h"
+#include "memslot/test_peer.h"
+
+namespace {
+
+using namespace gfnmap;
+
+constexpr uint64_t kSlotPages = 512;    // 2 MiB per slot
+constexpr uint64_t kStridePages = 1024;  // a 2 MiB hole after every slot
+constexpr uint64_t kHvaBase = 0x100000000000ULL;
+constexpr size_t kQueries = 4096;  // power of two: the loops index with a mask
+
+Memslot make_slot(uint32_t i) {
+  Memslot m;
+  m.id = static_cast<uint16_t>(i);
+  m.base_gfn = Gfn(uint64_t{i} * kStridePages);
+  m.npages = kSlotPages;
+  m.userspace_addr = Hva(kHvaBase + uint64_t{i} * kSlotPages * kPageSize);
+  return m;
+}
+
+// `n` slots (ids 0..n-1) published in one swap, plus the same layout as plain arrays for the
+// floor, and kQueries random gfns, each inside a random slot.
+struct Layout {
+  std::unique_ptr<Memslots> slots;
+  std::vector<uint64_t> starts;  // the floor's sorted array of slot starts
+  std::vector<uint64_t> ends;
+  std::vector<Gfn> random_gfns;  // spread over every slot: the last-used cache misses
+  std::vector<Gfn> one_slot_gfns;  // all inside one slot: the cache hits
+
+  explicit Layout(uint32_t n) : slots(std::make_unique<Memslots>()) {
+    std::vector<Memslot> all;
+    for (uint32_t i = 0; i < n; ++i) {
+      all.push_back(make_slot(i));
+      starts.push_back(all.back().base_gfn.value);
+      ends.push_back(all.back().end_gfn().value);
+    }
+    detail::MemslotsTestPeer::bulk_insert(*slots, 0, all);
+    std::mt19937_64 rng(42);
+    for (size_t q = 0; q < kQueries; ++q) {
+      random_gfns.push_back(Gfn((rng() % n) * kStridePages + rng() % kSlotPages));
+      one_slot_gfns.push_back(Gfn((n / 2) * kStridePages + rng() % kSlotPages));
+    }
+  }
+};
+
+// Built once per size (32,764 slots take a moment) and shared by the benchmarks of that size.
+Layout& layout(uint32_t n) {
+  static std::vector<std::pair<uint32_t, std::unique_ptr<Layout>>> cache;
+  for (auto& [k, v] : cache) {
+    if (k == n) return *v;
+  }
+  cache.emplace_back(n, std::make_unique<Layout>(n));
+  return *cache.back().second;
+}
+
+void check_found(benchmark::State& state, size_t found, size_t lookups) {
+  if (found != lookups) state.SkipWithError("a lookup missed its slot: layout bug");
+}
+
+// ------------------------------------------------------------------------ lookups
+
+// Floor: std::upper_bound over the sorted starts, then the bounds test.
+void BM_Floor_UpperBound(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const uint64_t gfn = l.random_gfns[i++ & (kQueries - 1)].value;
+    auto it = std::upper_bound(l.starts.begin(), l.starts.end(), gfn);
+    const size_t idx = static_cast<size_t>(it - l.starts.begin());
+    const bool hit = idx > 0 && gfn < l.ends[idx - 1];
+    found += hit;
+    benchmark::DoNotOptimize(idx);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// gfn_to_memslot with the VM-wide last-used cache missing (random slots).
+void BM_GfnToMemslot_Miss(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  auto lock = l.slots->read_lock();
+  const MemslotSet& set = lock.set();
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const Memslot* s = set.gfn_to_memslot(l.random_gfns[i++ & (kQueries - 1)]);
+    found += s != nullptr;
+    benchmark::DoNotOptimize(s);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// search_memslots alone (no cache read or update): the search the miss path pays.
+void BM_SearchMemslots(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  auto lock = l.slots->read_lock();
+  const MemslotSet& set = lock.set();
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const Memslot* s = set.search_memslots(l.random_gfns[i++ & (kQueries - 1)]);
+    found += s != nullptr;
+    benchmark::DoNotOptimize(s);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// gfn_to_memslot hitting the VM-wide last-used cache (every gfn in one slot).
+void BM_GfnToMemslot_CacheHit(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  auto lock = l.slots->read_lock();
+  const MemslotSet& set = lock.set();
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const Memslot* s = set.gfn_to_memslot(l.one_slot_gfns[i++ & (kQueries - 1)]);
+    found += s != nullptr;
+    benchmark::DoNotOptimize(s);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// The floor of a cache hit: one range test against a remembered slot.
+void BM_Floor_CachedRangeTest(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  const Memslot remembered = make_slot(static_cast<uint32_t>(state.range(0)) / 2);
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const Gfn gfn = l.one_slot_gfns[i++ & (kQueries - 1)];
+    const bool hit = remembered.contains(gfn);
+    found += hit;
+    benchmark::DoNotOptimize(hit);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// vcpu_gfn_to_memslot hitting the per-vCPU cache (generation check + range test).
+void BM_VcpuGfnToMemslot_Hit(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  auto lock = l.slots->read_lock();
+  const MemslotSet& set = lock.set();
+  VcpuMemslotCache cache;
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    const Memslot* s = set.vcpu_gfn_to_memslot(cache, l.one_slot_gfns[i++ & (kQueries - 1)]);
+    found += s != nullptr;
+    benchmark::DoNotOptimize(s);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// The whole reader path of a vCPU fault: read section + per-vCPU lookup (cache hit).
+void BM_ReadLockAndVcpuLookup(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  VcpuMemslotCache cache;
+  size_t i = 0;
+  size_t found = 0;
+  for (auto _ : state) {
+    auto lock = l.slots->read_lock();
+    const Memslot* s =
+        lock.set().vcpu_gfn_to_memslot(cache, l.one_slot_gfns[i++ & (kQueries - 1)]);
+    found += s != nullptr;
+    benchmark::DoNotOptimize(s);
+  }
+  check_found(state, found, static_cast<size_t>(state.iterations()));
+}
+
+// ------------------------------------------------------------------------ updates
+
+// A slot past the end of the layout, with id n - 1 kept free for it: a create takes the set from
+// n - 1 to n slots (the lookup benchmarks' size), a delete back.
+UserspaceMemoryRegion extra_region(uint32_t n, bool create) {
+  UserspaceMemoryRegion r;
+  r.slot = n - 1;
+  r.guest_phys_addr = (uint64_t{n} + 1) * kStridePages * kPageSize;
+  r.memory_size = create ? kSlotPages * kPageSize : 0;
+  r.userspace_addr = kHvaBase;
+  return r;
+}
+
+struct UpdateRig {
+  Memslots slots;
+  explicit UpdateRig(uint32_t n) {
+    std::vector<Memslot> all;
+    for (uint32_t i = 0; i + 1 < n; ++i) all.push_back(make_slot(i));
+    detail::MemslotsTestPeer::bulk_insert(slots, 0, all);
+  }
+};
+
+// set_memory_region CREATE: checks, one O(n) set copy, one swap (grace period, no readers).
+void BM_Create(benchmark::State& state) {
+  const auto n = static_cast<uint32_t>(state.range(0));
+  UpdateRig rig(n);
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = rig.slots.set_memory_region(extra_region(n, true));
+    const auto t1 = std::chrono::steady_clock::now();
+    if (!r.ok() || !rig.slots.set_memory_region(extra_region(n, false)).ok()) {
+      state.SkipWithError("create/delete failed");
+      break;
+    }
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+}
+
+// set_memory_region DELETE: two O(n) set copies (INVALID copy, final), two swaps.
+void BM_Delete(benchmark::State& state) {
+  const auto n = static_cast<uint32_t>(state.range(0));
+  UpdateRig rig(n);
+  for (auto _ : state) {
+    if (!rig.slots.set_memory_region(extra_region(n, true)).ok()) {
+      state.SkipWithError("create failed");
+      break;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = rig.slots.set_memory_region(extra_region(n, false));
+    const auto t1 = std::chrono::steady_clock::now();
+    if (!r.ok()) {
+      state.SkipWithError("delete failed");
+      break;
+    }
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+}
+
+void sizes(benchmark::internal::Benchmark* b) {
+  for (int n : {1, 16, 512, 32764}) b->Arg(n);
+}
+
+BENCHMARK(BM_Floor_UpperBound)->Apply(sizes);
+BENCHMARK(BM_GfnToMemslot_Miss)->Apply(sizes);
+BENCHMARK(BM_SearchMemslots)->Apply(sizes);
+BENCHMARK(BM_Floor_CachedRangeTest)->Apply(sizes);
+BENCHMARK(BM_GfnToMemslot_CacheHit)->Apply(sizes);
+BENCHMARK(BM_VcpuGfnToMemslot_Hit)->Apply(sizes);
+BENCHMARK(BM_ReadLockAndVcpuLookup)->Apply(sizes);
+BENCHMARK(BM_Create)->Apply(sizes)->UseManualTime();
+BENCHMARK(BM_Delete)->Apply(sizes)->UseManualTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -119,6 +119,29 @@ TEST(Invariants, Invariant03_NullPageMeansRemappedAndNoReference) {
     (void)flags;
     release_installed(f);
   });
+  // Never handed to a pin (direct-access) caller unless allow_unsafe_mappings.
+  for (State state : all_states()) {
+    if (!is_remapped_state(state)) continue;
+    for (bool unsafe : {false, true}) {
+      SCOPED_TRACE(std::string(to_string(state)) + (unsafe ? " allow_unsafe" : ""));
+      std::unique_ptr<Env> env = make_env(state);
+      ASSERT_TRUE(env);
+      Page page;
+      KvmFollowPfn kfp;
+      kfp.slot = env->slot_ptr();
+      kfp.gfn = env->gfn;
+      kfp.pin = true;
+      kfp.refcounted_page = &page;
+      FollowTrace trace;
+      Pfn pfn = kvm_follow_pfn(env->host, kfp, FollowSemantics{false, unsafe}, &trace);
+      if (!unsafe) {
+        EXPECT_EQ(pfn, kPfnErrFault) << trace_to_string(trace);
+        EXPECT_TRUE(has_row(trace, 17)) << trace_to_string(trace);
+      }
+      EXPECT_FALSE(page);
+      EXPECT_EQ(env->host.outstanding_refs(), 0u);
+    }
+  }
 }
 
 TEST(Invariants, Invariant04_RefcountZeroPfnmapMapsUntouched) {

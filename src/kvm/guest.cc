@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "gfnmap/kvm.h"
-#include "kvm/guest_code.h"
+#include "guest_code.h"
 
 namespace gfnmap::kvm {
 

@@ -1,0 +1,259 @@
+// tools suite, as a program: `gfnmap explain` over every row scenario (exit 0, --json parses),
+// `gfnmap replay` over the example traces, exit status 1 on a mismatch and 2 on bad input, --help.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct CliResult {
+  int status = -1;  // exit status, or -1 when killed by a signal
+  std::string out;
+  std::string err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+#ifndef GFNMAP_CLI_PATH
+    GTEST_SKIP() << "the gfnmap CLI is not built here (GFNMAP_BUILD_TOOLS=OFF)";
+#else
+    tmp_ = fs::temp_directory_path() /
+           ("gfnmap_cli_test_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(tmp_);
+#endif
+  }
+  void TearDown() override {
+    std::error_code ec;
+    if (!tmp_.empty()) fs::remove_all(tmp_, ec);
+  }
+
+  // Runs `gfnmap ARGS` from the source tree root (scenario paths are relative to it).
+  CliResult gfnmap(const std::string& args) {
+    CliResult r;
+#ifdef GFNMAP_CLI_PATH
+    const fs::path out = tmp_ / "stdout";
+    const fs::path err = tmp_ / "stderr";
+    const std::string cmd = "cd " + quote(GFNMAP_SOURCE_DIR) + " && " + quote(GFNMAP_CLI_PATH) +
+                            " " + args + " >" + quote(out.string()) + " 2>" + quote(err.string());
+    const int raw = std::system(cmd.c_str());
+    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
+    r.out = slurp(out);
+    r.err = slurp(err);
+#else
+    (void)args;
+#endif
+    return r;
+  }
+
+  std::string write_file(const std::string& name, const std::string& text) {
+    const fs::path p = tmp_ / name;
+    std::ofstream(p) << text;
+    return quote(p.string());
+  }
+
+  fs::path tmp_;
+};
+
+// Every row 1..27 of spec 4 through the program: all expect blocks hold.
+TEST_F(Cli, ExplainRows01To27_AllScenariosExitZero) {
+  CliResult r = gfnmap("explain --brief scenarios");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("27 scenarios: 27 passed, 0 failed"), std::string::npos) << r.out;
+  CliResult text = gfnmap("explain scenarios/row05-fast-path.json");
+  EXPECT_EQ(text.status, 0) << text.err;
+  EXPECT_NE(text.out.find("row 5: fast path"), std::string::npos) << text.out;
+}
+
+TEST_F(Cli, ExplainJson_ParsesWithOneEntryPerRow) {
+  CliResult r = gfnmap("explain --json scenarios");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json j = nlohmann::json::parse(r.out);  // throws (test fails) if not JSON
+  EXPECT_EQ(j.at("passed"), 27);
+  EXPECT_EQ(j.at("failed"), 0);
+  EXPECT_EQ(j.at("bad_input"), 0);
+  ASSERT_EQ(j.at("scenarios").size(), 27u);
+  int row = 0;
+  for (const auto& s : j.at("scenarios")) {
+    SCOPED_TRACE(s.at("file").get<std::string>());
+    // The fields docs/explain.md documents, with their types.
+    for (const char* key : {"file", "description", "row", "pass", "mismatches", "outstanding_end",
+                            "requests"}) {
+      EXPECT_TRUE(s.contains(key)) << key;
+    }
+    EXPECT_EQ(s.at("row"), ++row);  // sorted by file name: row01 .. row27
+    EXPECT_EQ(s.at("pass"), true);
+    EXPECT_EQ(s.at("outstanding_end"), 0);
+    EXPECT_TRUE(s.at("mismatches").empty());
+    ASSERT_FALSE(s.at("requests").empty());
+    for (const auto& req : s.at("requests")) {
+      for (const char* key : {"name", "api", "as", "gfn", "call", "steps", "rows", "path", "result",
+                              "pfn", "hva", "writable", "ref", "async", "is_refcounted_page",
+                              "outstanding", "frame", "release", "pass", "mismatches"}) {
+        EXPECT_TRUE(req.contains(key)) << key;
+      }
+      EXPECT_TRUE(req.at("steps").is_array());
+      EXPECT_TRUE(req.at("rows").is_array());
+      EXPECT_TRUE(req.at("ref").is_boolean());
+      EXPECT_TRUE(req.at("writable").is_boolean() || req.at("writable").is_null());
+      EXPECT_TRUE(req.at("result").is_string());
+      EXPECT_TRUE(req.at("pfn").is_string());
+      for (const char* key : {"before", "after_call", "after_release"}) {
+        EXPECT_TRUE(req.at("outstanding").at(key).is_number_unsigned()) << key;
+      }
+      EXPECT_EQ(req.at("outstanding").at("after_release"), 0);
+      EXPECT_EQ(req.at("pass"), true);
+      const std::string path = req.at("path");
+      EXPECT_TRUE(path == "none" || path == "fast" || path == "slow" || path == "remapped") << path;
+    }
+  }
+}
+
+TEST_F(Cli, ExplainMismatch_ExitsOne) {
+  std::string text = slurp(fs::path(GFNMAP_SOURCE_DIR) / "scenarios/row05-fast-path.json");
+  const size_t at = text.find("\"rows\": [5]");
+  ASSERT_NE(at, std::string::npos);
+  text.replace(at, 11, "\"rows\": [7]");
+  CliResult r = gfnmap("explain " + write_file("mismatch.json", text));
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_NE(r.out.find("MISMATCH:  rows: expected 7, got 5"), std::string::npos) << r.out;
+  // The same through --json: exit 1, the request and the scenario marked failed.
+  CliResult json = gfnmap("explain --json " + write_file("mismatch2.json", text));
+  EXPECT_EQ(json.status, 1) << json.err;
+  const nlohmann::json j = nlohmann::json::parse(json.out);
+  EXPECT_EQ(j.at("failed"), 1);
+  EXPECT_EQ(j.at("scenarios")[0].at("pass"), false);
+  EXPECT_EQ(j.at("scenarios")[0].at("requests")[0].at("pass"), false);
+  EXPECT_FALSE(j.at("scenarios")[0].at("requests")[0].at("mismatches").empty());
+}
+
+TEST_F(Cli, ExplainBadInput_ExitsTwoWithAClearMessage) {
+  CliResult missing = gfnmap("explain does-not-exist.json");
+  EXPECT_EQ(missing.status, 2);
+  EXPECT_NE(missing.err.find("does-not-exist.json: cannot open"), std::string::npos) << missing.err;
+
+  CliResult syntax = gfnmap("explain " + write_file("syntax.json", "{\n \"memslots\": [\n  {\"slot\": 0,}\n ]\n}\n"));
+  EXPECT_EQ(syntax.status, 2);
+  EXPECT_NE(syntax.err.find("syntax.json:3:"), std::string::npos) << syntax.err;
+
+  CliResult unknown = gfnmap("explain " + write_file("unknown.json", "{\"requets\": []}"));
+  EXPECT_EQ(unknown.status, 2);
+  EXPECT_NE(unknown.err.find("unknown field \"requets\""), std::string::npos) << unknown.err;
+
+  CliResult number = gfnmap("explain " + write_file("number.json",
+      R"({"memslots": [{"slot": 0, "gpa": "0", "size": "12Q", "hva": "0x7f0000000000"}]})"));
+  EXPECT_EQ(number.status, 2);
+  EXPECT_NE(number.err.find("bad number \"12Q\""), std::string::npos) << number.err;
+
+  CliResult none = gfnmap("explain");
+  EXPECT_EQ(none.status, 2);
+}
+
+// The options an example trace needs (the trace's own header says so too); others need none.
+std::string trace_options(const std::string& file) {
+  if (file == "address-spaces.trace") return "--address-spaces 2";
+  if (file == "slot-limit.trace") return "--slots 4";
+  return "";
+}
+
+TEST_F(Cli, ReplayExampleTraces_ExitZeroAndJsonParses) {
+  std::vector<std::string> traces;
+  for (const auto& e : fs::directory_iterator(fs::path(GFNMAP_SOURCE_DIR) / "scenarios/traces")) {
+    if (e.path().extension() == ".trace") traces.push_back(e.path().filename().string());
+  }
+  std::sort(traces.begin(), traces.end());
+  EXPECT_GE(traces.size(), 4u);
+  for (const std::string& file : traces) {
+    SCOPED_TRACE(file);
+    const std::string args = trace_options(file) + " scenarios/traces/" + file;
+    CliResult text = gfnmap("replay " + args);
+    EXPECT_EQ(text.status, 0) << text.out << text.err;
+    EXPECT_NE(text.out.find("final slot table:"), std::string::npos);
+    CliResult json = gfnmap("replay --json " + args);
+    ASSERT_EQ(json.status, 0) << json.err;
+    const nlohmann::json j = nlohmann::json::parse(json.out);
+    EXPECT_EQ(j.at("expect_failures"), 0);
+    EXPECT_TRUE(j.at("slots").is_array());
+    ASSERT_FALSE(j.at("operations").empty());
+    for (const char* key : {"trace", "config", "generations"}) EXPECT_TRUE(j.contains(key)) << key;
+    for (const auto& op : j.at("operations")) {
+      for (const char* key : {"line", "text", "ioctl", "region", "result", "expect", "expect_met"}) {
+        EXPECT_TRUE(op.contains(key)) << key;
+      }
+      for (const char* key : {"slot", "as", "id", "flags", "gpa", "size", "hva"}) {
+        EXPECT_TRUE(op.at("region").contains(key)) << key;
+      }
+      const auto& res = op.at("result");
+      for (const char* key : {"ok", "change", "errno", "message", "summary"}) {
+        EXPECT_TRUE(res.contains(key)) << key;
+      }
+      EXPECT_EQ(res.at("ok").get<bool>(), res.at("errno").is_null());
+    }
+    for (const auto& slot : j.at("slots")) {
+      for (const char* key : {"as", "slot", "flags", "gpa", "gpa_end", "npages", "hva"}) {
+        EXPECT_TRUE(slot.contains(key)) << key;
+      }
+    }
+  }
+  // The lifecycle trace's final table: slot 0 re-created with 1024 pages, slot 1 untouched.
+  const nlohmann::json j = nlohmann::json::parse(gfnmap("replay --json scenarios/traces/lifecycle.trace").out);
+  ASSERT_EQ(j.at("slots").size(), 2u);
+  EXPECT_EQ(j.at("slots")[0].at("npages"), 1024);
+  EXPECT_EQ(j.at("slots")[1].at("slot"), 1);
+}
+
+TEST_F(Cli, ReplayExpectNotMet_ExitsOne) {
+  CliResult r = gfnmap("replay scenarios/traces/address-spaces.trace");  // needs --address-spaces 2
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+}
+
+TEST_F(Cli, ReplayBadInput_ExitsTwoWithTheLine) {
+  CliResult missing = gfnmap("replay nope.trace");
+  EXPECT_EQ(missing.status, 2);
+  EXPECT_NE(missing.err.find("nope.trace: cannot open"), std::string::npos) << missing.err;
+  CliResult bad = gfnmap("replay " + write_file("bad.trace", "# c\nslot=0 size=0x1z\n"));
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(bad.err.find("bad.trace:2:"), std::string::npos) << bad.err;
+  CliResult key = gfnmap("replay " + write_file("key.trace", "slot=0 size=4K sise=1\n"));
+  EXPECT_EQ(key.status, 2);
+  EXPECT_NE(key.err.find("unknown key \"sise\""), std::string::npos) << key.err;
+  EXPECT_EQ(gfnmap("replay --slots 0 scenarios/traces/lifecycle.trace").status, 2);
+  EXPECT_EQ(gfnmap("replay --address-spaces 3 scenarios/traces/lifecycle.trace").status, 2);
+}
+
+TEST_F(Cli, HelpOnEveryVerb_ExplainsFormatsAndPointsToTheDocs) {
+  CliResult explain = gfnmap("explain --help");
+  EXPECT_EQ(explain.status, 0);
+  EXPECT_NE(explain.out.find("docs/explain.md"), std::string::npos) << explain.out;
+  CliResult replay = gfnmap("replay --help");
+  EXPECT_EQ(replay.status, 0);
+  EXPECT_NE(replay.out.find("docs/replay.md"), std::string::npos) << replay.out;
+  EXPECT_NE(replay.out.find("slot=ID"), std::string::npos) << replay.out;
+}
+
+}  // namespace

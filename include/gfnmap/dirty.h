@@ -73,6 +73,8 @@ constexpr uint32_t dirty_log_slot(uint16_t as_id, uint16_t id) {
 // internally). Entries are published and consumed through DirtyGfn::flags as described above.
 class DirtyRing {
  public:
+  // nr_entries that is not a power of two is rounded down to one (0 gives a ring that drops
+  // every push); DirtyLog::create_vcpu always passes a checked size.
   DirtyRing(uint32_t vcpu_id, uint32_t nr_entries, uint32_t reserved_entries);
   DirtyRing(const DirtyRing&) = delete;
   DirtyRing& operator=(const DirtyRing&) = delete;
@@ -140,7 +142,9 @@ struct DirtyLogConfig {
 // the per-vCPU rings.
 //
 // Threads: mark_page_dirty_in_slot is lock-free and may run on any number of threads
-// concurrently with everything else (callers hold a MemslotsReadLock for `slot`). The ioctls
+// concurrently with everything else; callers hold a MemslotsReadLock and pass a slot of the set
+// that lock shows (as KVM's callers hold kvm->srcu): a bitmap is freed only after the memslot
+// swap that stops its slot logging has waited out such readers. The ioctls
 // may run concurrently with marks and with each other. Register DirtyLog with Memslots before
 // any slot logs dirty pages and before the MMU's listener, so a slot's bitmap exists before
 // the MMU write-protects it.
@@ -155,8 +159,9 @@ class DirtyLog final : public MemslotListener {
   // The MMU's write-protect hook; nullptr (the default) skips the step. Set before use.
   void set_write_protector(DirtyWriteProtector* protector);
 
-  // KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags): EINVAL for unknown bits; may be
-  // changed at any time (0 turns it off).
+  // KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags): EINVAL for unknown bits and for
+  // kDirtyLogInitiallySet without kDirtyLogManualProtectEnable; may be changed at any time (0
+  // turns it off).
   Result<void> enable_manual_dirty_log_protect(uint64_t flags);
   bool manual_protect() const;  // any kDirtyLogManualCaps bit set
   bool initially_set() const;   // kDirtyLogInitiallySet set: new bitmaps start all ones

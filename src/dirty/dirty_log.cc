@@ -208,8 +208,12 @@ void DirtyLog::set_write_protector(DirtyWriteProtector* protector) {
 }
 
 Result<void> DirtyLog::enable_manual_dirty_log_protect(uint64_t flags) {
-  if ((flags & ~kDirtyLogManualCaps) != 0) {
-    return make_error(EINVAL, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: unknown flags ", flags);
+  // As KVM: KVM_DIRTY_LOG_INITIALLY_SET is only allowed together with the enable bit.
+  const uint64_t allowed =
+      (flags & kDirtyLogManualProtectEnable) != 0 ? kDirtyLogManualCaps : kDirtyLogManualProtectEnable;
+  if ((flags & ~allowed) != 0) {
+    return make_error(EINVAL, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: flags ", flags,
+                      " (unknown bits, or INITIALLY_SET without MANUAL_PROTECT_ENABLE)");
   }
   impl_->manual_flags.store(flags, std::memory_order_release);
   return {};

@@ -1,5 +1,6 @@
 // gfnmap dirty: one vCPU's dirty ring (kvm_dirty_ring push / soft-full / harvest) and the
 // bitmap-to-ranges view.
+#include <algorithm>
 #include <bit>
 
 #include "gfnmap/dirty.h"
@@ -12,9 +13,9 @@ void DirtyWriteProtector::end_batch() {}
 
 DirtyRing::DirtyRing(uint32_t vcpu_id, uint32_t nr_entries, uint32_t reserved_entries)
     : vcpu_id_(vcpu_id),
-      size_(nr_entries),
-      soft_limit_(nr_entries > reserved_entries ? nr_entries - reserved_entries : 0),
-      entries_(nr_entries ? std::make_unique<DirtyGfn[]>(nr_entries) : nullptr) {}
+      size_(std::bit_floor(nr_entries)),
+      soft_limit_(size_ > reserved_entries ? size_ - reserved_entries : 0),
+      entries_(size_ ? std::make_unique<DirtyGfn[]>(size_) : nullptr) {}
 
 uint32_t DirtyRing::used() const {
   // Unsigned wraparound keeps the difference right across 2^32 pushes.

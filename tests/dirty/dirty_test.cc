@@ -123,6 +123,9 @@ TEST_F(DirtyTest, Spec75_ManualProtectGetCopiesWithoutClearing) {
   EXPECT_TRUE(wp.take().empty());
   EXPECT_EQ(wp.batches, 0);
   EXPECT_EQ(log.enable_manual_dirty_log_protect(4).code(), EINVAL);
+  // INITIALLY_SET is only valid with MANUAL_PROTECT_ENABLE (the cap's allowed options).
+  EXPECT_EQ(log.enable_manual_dirty_log_protect(kDirtyLogInitiallySet).code(), EINVAL);
+  EXPECT_TRUE(log.manual_protect());  // a refused call changes nothing
   ASSERT_TRUE(log.enable_manual_dirty_log_protect(0).ok());  // off again: fetch-and-clear
   EXPECT_EQ(get(1)[0], 1u << 7);
   EXPECT_EQ(get(1)[0], 0u);
@@ -422,6 +425,20 @@ TEST(DirtyRingTest, Spec75_RingWithBitmapLogsWritesWithoutVcpu) {
   ASSERT_TRUE(log.get_dirty_log(1, buf).ok());
   EXPECT_EQ(buf[0], 1u << 9);
   EXPECT_EQ(ring->used(), 1u);
+}
+
+TEST(DirtyRingTest, BadInput_DirectRingSizeIsRoundedDownToAPowerOfTwo) {
+  DirtyRing ring(2, 100, 16);  // 64 entries, soft limit 48
+  EXPECT_EQ(ring.size(), 64u);
+  EXPECT_EQ(ring.soft_limit(), 48u);
+  for (uint32_t i = 0; i < 64; ++i) EXPECT_TRUE(ring.push(1, i));
+  EXPECT_FALSE(ring.push(1, 64));  // completely full: dropped, no overrun
+  EXPECT_EQ(ring.dropped(), 1u);
+  uint64_t next = 0;
+  EXPECT_EQ(ring.harvest([&](uint32_t, uint64_t offset) { EXPECT_EQ(offset, next++); }), 64u);
+  DirtyRing empty(3, 0, 64);
+  EXPECT_FALSE(empty.push(1, 0));
+  EXPECT_EQ(empty.harvest([](uint32_t, uint64_t) {}), 0u);
 }
 
 // ---- Range view.

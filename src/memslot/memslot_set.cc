@@ -21,16 +21,19 @@ const Memslot* MemslotSet::id_to_memslot(uint16_t id) const {
 namespace {
 
 // Index of the last base <= key, or -1 when every base is greater (or n == 0). Branch-light:
-// the loop has a fixed trip count for a given n and the step is a conditional move.
+// halving steps are conditional moves; the last window of at most 8 bases is counted, so its
+// compares run in parallel instead of as a chain of dependent loads. Invariant of the loop:
+// bases before p are <= key, bases from p + n on are > key.
 inline ptrdiff_t last_not_greater(const uint64_t* base, size_t n, uint64_t key) {
-  if (n == 0) return -1;
   const uint64_t* p = base;
-  while (n > 1) {
+  while (n > 8) {
     const size_t half = n / 2;
     p = (p[half] <= key) ? p + half : p;
     n -= half;
   }
-  return *p <= key ? p - base : -1;
+  ptrdiff_t below = 0;
+  for (size_t i = 0; i < n; ++i) below += p[i] <= key;
+  return (p - base) + below - 1;
 }
 
 }  // namespace

@@ -250,10 +250,27 @@ TEST_F(Cli, HelpOnEveryVerb_ExplainsFormatsAndPointsToTheDocs) {
   CliResult explain = gfnmap("explain --help");
   EXPECT_EQ(explain.status, 0);
   EXPECT_NE(explain.out.find("docs/explain.md"), std::string::npos) << explain.out;
+  // The example scenario in the help text is a working scenario.
+  const std::string head = "A scenario is a JSON file:\n";
+  const size_t from = explain.out.find(head);
+  const size_t to = explain.out.find("\nEvery request:");
+  ASSERT_NE(from, std::string::npos) << explain.out;
+  ASSERT_NE(to, std::string::npos) << explain.out;
+  const std::string example = explain.out.substr(from + head.size(), to - from - head.size());
+  CliResult run = gfnmap("explain " + write_file("help-example.json", example));
+  EXPECT_EQ(run.status, 0) << example << run.out << run.err;
+
   CliResult replay = gfnmap("replay --help");
   EXPECT_EQ(replay.status, 0);
   EXPECT_NE(replay.out.find("docs/replay.md"), std::string::npos) << replay.out;
   EXPECT_NE(replay.out.find("slot=ID"), std::string::npos) << replay.out;
+  // And so is its example line.
+  const size_t ex = replay.out.find("Example:\n  ");
+  ASSERT_NE(ex, std::string::npos) << replay.out;
+  const size_t line_from = ex + 11;
+  const std::string line = replay.out.substr(line_from, replay.out.find('\n', line_from) - line_from);
+  CliResult trace = gfnmap("replay " + write_file("help-example.trace", line + "\n"));
+  EXPECT_EQ(trace.status, 0) << line << trace.out << trace.err;
 }
 
 }  // namespace

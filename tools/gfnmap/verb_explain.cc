@@ -17,12 +17,16 @@ namespace {
 constexpr const char* kExplainFooter = R"(A scenario is a JSON file:
   {"description": "...", "row": 5,
    "config":   {"address_spaces": 1, "slots": 32764},
-   "host":     {"vmas": [...], ...}                      (the host model, see the docs)
-   "memslots": [{"slot": 0, "gpa": "0", "size": "2M", "hva": "0x7f0000000000"}],
+   "host":     {"vmas": [{"name": "ram", "size": "2M", "kind": "anon-private"}],
+                "ops": [{"op": "populate", "hva": "ram", "len": "64K", "write": true}]},
+   "memslots": [{"slot": 0, "gpa": "0", "size": "2M", "hva": "ram"}],
    "requests": [{"api": "faultin_pfn", "gpa": "0x1000", "flags": "WRITE",
-                 "release": "dirty",
+                 "release": "faultin",
                  "expect": {"result": "pfn", "writable": true, "ref": true, "rows": [5]}}],
    "expect":   {"outstanding": 0}}
+Every request: name, gfn|gpa, as, host {"ops": [...]} applied first, during (a DELETE/MOVE
+memslot change the request runs inside), release, expect (result, writable, ref, rows, path,
+async, is_refcounted_page, outstanding; absent fields are not checked).
 APIs: faultin_pfn, kvm_follow_pfn (pin, map_writable, refcounted_page, allow_unsafe_mappings),
 follow_pfn [v7] (flags with GET, atomic, allow_write_mapping, guarded_by_mmu_notifier),
 gfn_to_pfn_memslot [v7 legacy] (atomic, interruptible, async, write_fault, writable).

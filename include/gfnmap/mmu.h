@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -300,9 +301,14 @@ class Vcpu {
   // reports it in the exit (bytes_done tells how far it got).
   VcpuExit read(Gpa gpa, std::span<std::byte> out);
   VcpuExit write(Gpa gpa, std::span<const std::byte> data);
-  // Fixed-size helpers for workloads: one aligned access that does not cross a page.
+  // Fixed-size helpers for workloads: one 8-byte access (any alignment, may cross a page).
   VcpuExit read_u64(Gpa gpa, uint64_t* value);
   VcpuExit write_u64(Gpa gpa, uint64_t value);
+  // The inline table-hit path: true when the access was done through an existing entry with
+  // the needed permission (and accessed/dirty bits already set); false means "nothing done,
+  // use read_u64/write_u64" (which fault or exit). Never faults, never blocks, no exit.
+  bool try_read_u64(Gpa gpa, uint64_t* value) { return fast_u64<false>(gpa, value); }
+  bool try_write_u64(Gpa gpa, uint64_t value) { return fast_u64<true>(gpa, &value); }
 
   // Async PF: completed work -> re-run each fault as a prefetch, return "page ready" events
   // (kvm_check_async_pf_completion). Not-present events come as exits.
@@ -316,7 +322,7 @@ class Vcpu {
 
   // The fault-side counters of this vCPU (same meaning as MmuStats).
   struct Stats {
-    uint64_t accesses = 0;  // page-sized pieces of accesses
+    uint64_t accesses = 0;  // page pieces done by read/write (try_*_u64 hits not counted)
     uint64_t faults = 0;
     uint64_t fast_faults = 0;
     uint64_t retries = 0;
@@ -333,6 +339,9 @@ class Vcpu {
   VcpuExit access_range(Gpa gpa, uint64_t len, bool write, const std::byte* src, Fn&& fn);
   VcpuExit handle_miss(Gpa gpa, bool write, uint64_t spte, uint64_t len_left,
                        const std::byte* src, uint32_t* tries, bool* again);
+  // The table-hit path of read_u64/write_u64: true when the access was done.
+  template <bool kWrite>
+  bool fast_u64(Gpa gpa, uint64_t* value);
 
   Mmu& mmu_;
   uint32_t id_;
@@ -343,10 +352,182 @@ class Vcpu {
   // ("in guest mode"); the TLB flush waits for it to move on.
   std::atomic<uint64_t> access_seq_{0};
   detail::SptNode* root_ = nullptr;  // the table of as_id
+  // Paging-structure cache: the level-2 table for the 1G region l2_key_, valid while the
+  // Mmu's table epoch (bumped whenever a table is retired) equals l2_epoch_.
+  const std::atomic<uint64_t>* table_epoch_ = nullptr;
+  uint64_t l2_key_ = ~uint64_t{0};
+  uint64_t l2_epoch_ = 0;
+  detail::SptNode* l2_node_ = nullptr;
   DirtyRing* ring_ = nullptr;
+  bool ring_full_ = false;  // ring_ was soft-full when last checked (only this vCPU pushes)
   struct ApfClient;
   std::unique_ptr<ApfClient> apf_client_;
   std::unique_ptr<AsyncPfQueue> apf_;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Implementation details of the inline table-hit path (layout of the table; not API).
+
+namespace detail {
+
+inline constexpr unsigned kSptEntries = 512;
+inline constexpr unsigned kSptShift = 9;
+
+constexpr unsigned spt_shift(int level) { return kSptShift * static_cast<unsigned>(level - 1); }
+constexpr uint64_t spt_pages(int level) { return uint64_t{1} << spt_shift(level); }
+constexpr unsigned spt_index(uint64_t gfn, int level) {
+  return static_cast<unsigned>((gfn >> spt_shift(level)) & (kSptEntries - 1));
+}
+
+// One table node. Entries are the only thing walkers read without the lock, plus pfn_off and
+// pfn_base (published before the entry that uses them, with release/acquire on the entry).
+// The pfn of a leaf is pfn_base + pfn_off[i] when that fits 32 bits, else it lives in the
+// Mmu's overflow map and the leaf carries spte::kPfnOverflow.
+struct alignas(64) SptNode {
+  std::atomic<uint64_t> e[kSptEntries]{};
+  std::atomic<uint64_t> pfn_base{0};
+  bool pfn_base_set = false;  // under the MMU lock
+  std::atomic<uint32_t> pfn_off[kSptEntries]{};
+};
+
+// The 512 host page pointers of a 2M leaf whose host pages are not contiguous (spte::kScattered).
+struct alignas(4096) SptScatter {
+  std::byte* ptr[kSptEntries] = {};
+};
+static_assert(sizeof(SptScatter) == 4096);
+
+// Leaf address bits <-> host pointer (16-byte aligned).
+inline uint64_t spt_encode_addr(const void* p) {
+  return (reinterpret_cast<uint64_t>(p) << spte::kAddrShift) & spte::kAddrMask;
+}
+inline std::byte* spt_decode_addr(uint64_t e) {
+  // SAFETY: leaf address bits are written only by spt_encode_addr from host pointers.
+  return reinterpret_cast<std::byte*>((e & spte::kAddrMask) >> spte::kAddrShift);
+}
+constexpr bool spt_addr_encodable(uint64_t p) {
+  return (p & 15) == 0 && p < (uint64_t{1} << 48);
+}
+
+inline SptNode* spt_child(uint64_t e) {
+  // SAFETY: table entries are written only by the MMU from SptNode pointers | kTable.
+  return reinterpret_cast<SptNode*>(e & ~spte::kTable);
+}
+
+struct SptWalk {
+  uint64_t e = 0;  // the entry where the walk stopped (a leaf, or 0)
+  int level = 1;
+  SptNode* node = nullptr;
+  unsigned idx = 0;
+};
+
+// Lock-free walk from root. Callers that use the result for an access must be inside their
+// access window (AccessWindow) so a flush can wait for them. Unrolled: every level has its own
+// well-predicted branch (a loop's data-dependent exit mispredicts and serialises the accesses
+// that follow, which costs several times the walk itself on random access patterns).
+inline SptWalk spt_walk(SptNode* root, uint64_t gfn) {
+  static_assert(kMmuLevels == 4);
+  SptNode* n = root;
+  unsigned i = spt_index(gfn, 4);
+  uint64_t e = n->e[i].load(std::memory_order_acquire);
+  if (__builtin_expect(!(e & spte::kTable), 0)) return {e, 4, n, i};
+  n = spt_child(e);
+  i = spt_index(gfn, 3);
+  e = n->e[i].load(std::memory_order_acquire);
+  if (__builtin_expect(!(e & spte::kTable), 0)) return {e, 3, n, i};
+  n = spt_child(e);
+  i = spt_index(gfn, 2);
+  e = n->e[i].load(std::memory_order_acquire);
+  if (__builtin_expect(!(e & spte::kTable), 0)) return {e, 2, n, i};
+  n = spt_child(e);
+  i = spt_index(gfn, 1);
+  return {n->e[i].load(std::memory_order_acquire), 1, n, i};
+}
+
+// The host pointer of gfn's 4K page inside leaf e at `level`.
+inline std::byte* spt_leaf_ptr(uint64_t e, int level, uint64_t gfn) {
+  uint64_t off = gfn & (spt_pages(level) - 1);
+  if (e & spte::kScattered) {
+    // SAFETY: a scattered leaf's address bits point at its SptScatter (kept until a flush
+    // after the leaf is gone).
+    return reinterpret_cast<SptScatter*>(spt_decode_addr(e))->ptr[off];
+  }
+  return spt_decode_addr(e) + (off << kPageShift);
+}
+
+// True when the process could register for MEMBARRIER_CMD_PRIVATE_EXPEDITED: flushes then
+// use membarrier as their "IPI" and vCPU accesses need only a compiler barrier; otherwise
+// vCPUs pay a full fence when entering an access window.
+bool membarrier_available();
+extern bool g_vcpu_needs_fence;
+
+// A full memory barrier. ThreadSanitizer does not support standalone fences; a seq_cst
+// read-modify-write is a full barrier on x86 (a locked instruction) and is what TSan sees.
+inline void full_fence() {
+#if defined(__SANITIZE_THREAD__)
+  static std::atomic<unsigned> fence_word{0};
+  fence_word.fetch_add(0, std::memory_order_seq_cst);
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+#endif
+}
+
+
+}  // namespace detail
+
+template <bool kWrite>
+inline bool Vcpu::fast_u64(Gpa gpa, uint64_t* value) {
+  const uint64_t off = gpa.value & (kPageSize - 1);
+  const uint64_t gfn = gpa.value >> kPageShift;
+  if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || ring_full_) return false;
+  if (kWrite && id_ == Mmu::kVmmVcpuId) return false;  // VMM writes are always logged
+  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                      spte::kDirty)
+                                   : (spte::kPresent | spte::kAccessed);
+  const uint64_t s = access_seq_.load(std::memory_order_relaxed);
+  access_seq_.store(s + 1, std::memory_order_relaxed);
+  if (detail::g_vcpu_needs_fence) {
+    detail::full_fence();
+  } else {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  }
+  // The level-2 table from the paging-structure cache, else from a walk of the top levels.
+  detail::SptNode* l2 = nullptr;
+  const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
+  if ((gfn >> 18) == l2_key_ && epoch == l2_epoch_) {
+    l2 = l2_node_;
+  } else {
+    uint64_t e4 = root_->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
+    if (e4 & spte::kTable) {
+      uint64_t e3 = detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(
+          std::memory_order_acquire);
+      if (e3 & spte::kTable) {
+        l2 = detail::spt_child(e3);
+        l2_key_ = gfn >> 18;
+        l2_epoch_ = epoch;
+        l2_node_ = l2;
+      }
+    }
+  }
+  uint64_t e = 0;
+  int level = 2;
+  if (l2 != nullptr) {
+    e = l2->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
+    if (__builtin_expect((e & spte::kTable) != 0, 1)) {
+      e = detail::spt_child(e)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
+      level = 1;
+    }
+  }
+  const bool hit = l2 != nullptr && (e & (need | spte::kTable)) == need;
+  if (hit) {
+    std::byte* p = detail::spt_leaf_ptr(e, level, gfn) + off;
+    if constexpr (kWrite) {
+      std::memcpy(p, value, sizeof(uint64_t));
+    } else {
+      std::memcpy(value, p, sizeof(uint64_t));
+    }
+  }
+  access_seq_.store(s + 2, std::memory_order_release);
+  return hit;
+}
 
 }  // namespace gfnmap

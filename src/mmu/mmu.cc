@@ -151,6 +151,7 @@ void Mmu::Impl::retire_subtree(SptNode* node, int level, ZapCtx& ctx) {
     }
   }
   retired_nodes.emplace_back(node, level);
+  table_epoch.fetch_add(1, std::memory_order_relaxed);
   ctx.flush = true;
 }
 

@@ -51,6 +51,9 @@ struct Mmu::Impl {
   bool batch_needs_flush = false;
 
   std::atomic<long> in_progress_pub{0};  // copy of in_progress for lock-free readers
+  // Bumped (before the flush that frees them) whenever tables are retired: vCPUs drop their
+  // cached level-2 table pointers when it changes.
+  std::atomic<uint64_t> table_epoch{0};
   std::atomic<uint64_t> nr_nodes{0};
   std::atomic<uint64_t> nr_scatter{0};
 

@@ -30,6 +30,7 @@ Vcpu::Vcpu(Mmu& mmu, uint32_t id, VcpuOptions options) : mmu_(mmu), id_(id), opt
   Mmu::Impl& im = *mmu_.impl_;
   if (options_.as_id >= im.roots.size()) options_.as_id = 0;
   root_ = im.roots[options_.as_id];
+  table_epoch_ = &im.table_epoch;
   if (mmu_.options_.dirty != nullptr && id_ != Mmu::kVmmVcpuId) {
     auto ring = mmu_.options_.dirty->create_vcpu(id_);
     ring_ = ring.ok() ? *ring : mmu_.options_.dirty->vcpu_ring(id_);
@@ -87,9 +88,12 @@ VcpuExit Vcpu::handle_miss(Gpa gpa, bool write, uint64_t, uint64_t len_left,
 }
 
 template <class Fn>
-VcpuExit Vcpu::access_range(Gpa gpa, uint64_t len, bool write, const std::byte* src, Fn&& fn) {
+[[gnu::noinline]] VcpuExit Vcpu::access_range(Gpa gpa, uint64_t len, bool write,
+                                              const std::byte* src, Fn&& fn) {
   VcpuExit ex;
-  if (ring_ != nullptr && ring_->soft_full()) {
+  // KVM_RUN entry check (the ring may have filled or been reset outside this vCPU's accesses).
+  ring_full_ = ring_ != nullptr && ring_->soft_full();
+  if (ring_full_) {
     ex.reason = ExitReason::kDirtyRingFull;
     ex.gpa = gpa;
     return ex;
@@ -159,7 +163,7 @@ VcpuExit Vcpu::access_range(Gpa gpa, uint64_t len, bool write, const std::byte* 
         return r;
       }
     }
-    if (ring_ != nullptr && ring_->soft_full()) {
+    if (ring_ != nullptr && (ring_full_ = ring_->soft_full())) {
       // KVM_REQ_DIRTY_RING_SOFT_FULL: exit before the access is retried.
       ex.reason = ExitReason::kDirtyRingFull;
       ex.gpa = cur;
@@ -184,6 +188,7 @@ VcpuExit Vcpu::write(Gpa gpa, std::span<const std::byte> data) {
 }
 
 VcpuExit Vcpu::read_u64(Gpa gpa, uint64_t* value) {
+  if (try_read_u64(gpa, value)) return VcpuExit{};
   return access_range(gpa, sizeof(uint64_t), false, nullptr,
                       [value](std::byte* p, uint64_t at, uint64_t n) {
                         std::memcpy(reinterpret_cast<std::byte*>(value) + at, p, n);
@@ -191,6 +196,7 @@ VcpuExit Vcpu::read_u64(Gpa gpa, uint64_t* value) {
 }
 
 VcpuExit Vcpu::write_u64(Gpa gpa, uint64_t value) {
+  if (try_write_u64(gpa, value)) return VcpuExit{};
   const auto* src = reinterpret_cast<const std::byte*>(&value);
   return access_range(gpa, sizeof(uint64_t), true, src,
                       [src](std::byte* p, uint64_t at, uint64_t n) { std::memcpy(p, src + at, n); });

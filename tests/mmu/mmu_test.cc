@@ -546,6 +546,42 @@ TEST_F(MmuTest, DirtyLog_EnableWriteProtectsThenFastPathLogsWithoutResolver) {
   EXPECT_EQ(bm[0], 0u);
 }
 
+// Manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): GET only copies and leaves the entries
+// writable; CLEAR write-protects exactly the cleared pages through the DirtyWriteProtector,
+// so their next write is logged again and the others keep hitting without a fault.
+TEST_F(MmuTest, Invariant23_ManualProtectGetKeepsWritableClearWriteProtects) {
+  ASSERT_TRUE(dirty_->enable_manual_dirty_log_protect(kDirtyLogManualProtectEnable).ok());
+  Hva hva = map(64 * kPageSize);
+  add_slot(0, kGpa, 64 * kPageSize, hva, kMemLogDirtyPages);
+  Vcpu& v = vcpu();
+  Gfn g0(kGpa >> kPageShift);
+  for (uint64_t i : {3u, 4u, 40u}) ASSERT_TRUE(v.write_u64(Gpa(kGpa + i * kPageSize), i).ok());
+  std::vector<uint64_t> bm(1);
+  auto got = dirty_->get_dirty_log(0, bm);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(*got, 3u);
+  const uint64_t want = (uint64_t{1} << 3) | (uint64_t{1} << 4) | (uint64_t{1} << 40);
+  EXPECT_EQ(bm[0], want);
+  for (uint64_t i : {3u, 4u, 40u}) {
+    uint64_t e = mmu_->lookup(0, g0 + i).spte;
+    EXPECT_TRUE(e & spte::kWritable) << i << ": " << spte::to_string(e);
+  }
+  // Clear pages 3 and 40 only.
+  const uint64_t clear = (uint64_t{1} << 3) | (uint64_t{1} << 40);
+  std::vector<uint64_t> cm{clear};
+  auto cleared = dirty_->clear_dirty_log(0, 0, 64, cm);
+  ASSERT_TRUE(cleared.ok());
+  EXPECT_EQ(*cleared, 2u);
+  EXPECT_TRUE(spte::is_dirty_log_protected(mmu_->lookup(0, g0 + 3).spte));
+  EXPECT_TRUE(spte::is_dirty_log_protected(mmu_->lookup(0, g0 + 40).spte));
+  EXPECT_TRUE(mmu_->lookup(0, g0 + 4).spte & spte::kWritable);
+  EXPECT_FALSE(v.try_write_u64(Gpa(kGpa + 3 * kPageSize), 1));
+  EXPECT_TRUE(v.try_write_u64(Gpa(kGpa + 4 * kPageSize), 1));
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa + 40 * kPageSize), 41).ok());
+  ASSERT_TRUE(dirty_->get_dirty_log(0, bm).ok());
+  EXPECT_EQ(bm[0], (uint64_t{1} << 4) | (uint64_t{1} << 40));
+}
+
 TEST_F(MmuTest, Invariant23_NewFaultOnLoggingSlotIsLogged) {
   Hva hva = map(8 * kPageSize);
   add_slot(0, kGpa, 8 * kPageSize, hva, kMemLogDirtyPages);
@@ -612,6 +648,58 @@ TEST_F(MmuTest, Invariant23_DirtyRingSoftFullExits) {
   ASSERT_TRUE(v.write_u64(Gpa(kGpa), 1).ok());
   EXPECT_EQ(seen.size(), i + 1) << "the write that filled the ring was logged, not done";
   EXPECT_EQ(v.dirty_ring()->used(), 2u);
+}
+
+// ------------------------------------------------------------------------------- table hit path
+
+// try_read_u64/try_write_u64 (the inline hit path of read_u64/write_u64) act only through an
+// entry that already has the needed permission and accessed/dirty bits (invariants 18, 19,
+// 23: a hit never skips marking, aging or dirty logging), and never use a table retired since
+// the vCPU cached it (the level-2 paging-structure cache follows the table epoch).
+TEST_F(MmuTest, TableHit_TryAccessNeedsPermissionAndBitsAndNeverFaults) {
+  Hva hva = map(8 * kPageSize);
+  add_slot(0, kGpa, 8 * kPageSize, hva);
+  Vcpu& v = vcpu();
+  uint64_t x = 0;
+  const uint64_t faults0 = mmu_->stats().faults;
+  EXPECT_FALSE(v.try_read_u64(Gpa(kGpa), &x));  // no entry: nothing done, no fault
+  EXPECT_FALSE(v.try_write_u64(Gpa(kGpa), 1));
+  EXPECT_EQ(mmu_->stats().faults, faults0);
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa), 7).ok());
+  EXPECT_TRUE(v.try_write_u64(Gpa(kGpa + 8), 8));
+  ASSERT_TRUE(v.try_read_u64(Gpa(kGpa + 8), &x));
+  EXPECT_EQ(x, 8u);
+  EXPECT_FALSE(v.try_read_u64(Gpa(kGpa + kPageSize - 4), &x));  // crosses a page
+  EXPECT_FALSE(v.try_read_u64(Gpa(kMmuMaxGfn << kPageShift), &x));  // beyond the table
+  // Aging: an old entry is made young by the full path, never silently by a hit.
+  EXPECT_TRUE(mmu_->clear_young(hva, hva + kPageSize));
+  EXPECT_FALSE(v.try_read_u64(Gpa(kGpa), &x));
+  ASSERT_TRUE(v.read_u64(Gpa(kGpa), &x).ok());
+  EXPECT_EQ(x, 7u);
+  EXPECT_TRUE(v.try_read_u64(Gpa(kGpa), &x));
+  // A read fault of a fresh anon page maps the zero page read-only: reads hit, writes do not.
+  ASSERT_TRUE(v.read_u64(Gpa(kGpa + kPageSize), &x).ok());
+  EXPECT_TRUE(v.try_read_u64(Gpa(kGpa + kPageSize), &x));
+  EXPECT_FALSE(v.try_write_u64(Gpa(kGpa + kPageSize), 1));
+  // Dirty logging write-protects: the write goes through the logged path, then hits again.
+  ASSERT_TRUE(set_region(0, kGpa, 8 * kPageSize, hva, kMemLogDirtyPages).ok());
+  EXPECT_FALSE(v.try_write_u64(Gpa(kGpa), 9));
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa), 9).ok());
+  EXPECT_TRUE(v.try_write_u64(Gpa(kGpa), 10));
+  // Invalidation: no hit through a zapped entry.
+  ASSERT_TRUE(host_.discard(hva, kPageSize).ok());
+  EXPECT_FALSE(v.try_read_u64(Gpa(kGpa), &x));
+  // Tables retired (zap_all frees every node): the cached level-2 table is not used again
+  // (under ASan a stale pointer would be a use-after-free).
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa + 2 * kPageSize), 11).ok());
+  ASSERT_TRUE(v.try_read_u64(Gpa(kGpa + 2 * kPageSize), &x));
+  mmu_->zap_all();
+  EXPECT_FALSE(v.try_read_u64(Gpa(kGpa + 2 * kPageSize), &x));
+  ASSERT_TRUE(v.read_u64(Gpa(kGpa + 2 * kPageSize), &x).ok());
+  EXPECT_EQ(x, 11u);
+  EXPECT_TRUE(v.try_read_u64(Gpa(kGpa + 2 * kPageSize), &x));
+  EXPECT_EQ(x, 11u);
+  EXPECT_EQ(balance_gap(), 0u);
 }
 
 // ------------------------------------------------------------------------------- huge leaves

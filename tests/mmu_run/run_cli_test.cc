@@ -22,7 +22,7 @@ struct RunOutput {
   std::string err;
 };
 
-std::string slurp(const fs::path& p) {
+[[maybe_unused]] std::string slurp(const fs::path& p) {  // unused without the CLI
   std::ifstream in(p);
   std::stringstream ss;
   ss << in.rdbuf();

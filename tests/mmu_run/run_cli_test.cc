@@ -11,58 +11,19 @@
 #include <sstream>
 #include <string>
 
+#include "cli_process.h"
+
 namespace gfnmap::test {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct RunOutput {
-  int status = -1;
-  std::string out;
-  std::string err;
-};
+using RunOutput = CliResult;
 
-[[maybe_unused]] std::string slurp(const fs::path& p) {  // unused without the CLI
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-class RunCli : public ::testing::Test {
+class RunCli : public CliProcessTest {
  protected:
-  void SetUp() override {
-#ifndef GFNMAP_CLI_PATH
-    GTEST_SKIP() << "the gfnmap CLI is not built here (GFNMAP_BUILD_TOOLS=OFF)";
-#else
-    tmp_ = fs::temp_directory_path() /
-           ("gfnmap_run_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(tmp_);
-#endif
-  }
-  void TearDown() override {
-    std::error_code ec;
-    if (!tmp_.empty()) fs::remove_all(tmp_, ec);
-  }
-
   // Runs `gfnmap run ARGS` (ARGS are plain words, no quoting needed).
-  RunOutput run(const std::string& args) {
-    RunOutput r;
-#ifdef GFNMAP_CLI_PATH
-    const fs::path out = tmp_ / "stdout";
-    const fs::path err = tmp_ / "stderr";
-    const std::string cmd = std::string("'") + GFNMAP_CLI_PATH + "' run " + args + " >'" +
-                            out.string() + "' 2>'" + err.string() + "'";
-    const int raw = std::system(cmd.c_str());
-    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-    r.out = slurp(out);
-    r.err = slurp(err);
-#else
-    (void)args;
-#endif
-    return r;
-  }
+  RunOutput run(const std::string& args) { return run_cli("run " + args); }
 
   nlohmann::json run_json(const std::string& args) {
     RunOutput r = run(args + " --json");
@@ -71,8 +32,6 @@ class RunCli : public ::testing::Test {
     EXPECT_FALSE(j.is_discarded()) << "not JSON: " << r.out;
     return j;
   }
-
-  fs::path tmp_;
 };
 
 // Counters of a run must balance: every fault ends in exactly one way.

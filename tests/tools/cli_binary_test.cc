@@ -13,71 +13,25 @@
 #include <string>
 #include <vector>
 
+#include "cli_process.h"
+
 namespace {
 
 namespace fs = std::filesystem;
 
-struct CliResult {
-  int status = -1;  // exit status, or -1 when killed by a signal
-  std::string out;
-  std::string err;
-};
+using gfnmap::test::CliResult;
+using gfnmap::test::slurp;
 
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-class Cli : public ::testing::Test {
+class Cli : public gfnmap::test::CliProcessTest {
  protected:
-  void SetUp() override {
-#ifndef GFNMAP_CLI_PATH
-    GTEST_SKIP() << "the gfnmap CLI is not built here (GFNMAP_BUILD_TOOLS=OFF)";
-#else
-    tmp_ = fs::temp_directory_path() /
-           ("gfnmap_cli_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(tmp_);
-#endif
-  }
-  void TearDown() override {
-    std::error_code ec;
-    if (!tmp_.empty()) fs::remove_all(tmp_, ec);
-  }
-
   // Runs `gfnmap ARGS` from the source tree root (scenario paths are relative to it).
-  CliResult gfnmap(const std::string& args) {
-    CliResult r;
-#ifdef GFNMAP_CLI_PATH
-    const fs::path out = tmp_ / "stdout";
-    const fs::path err = tmp_ / "stderr";
-    const std::string cmd = "cd " + quote(GFNMAP_SOURCE_DIR) + " && " + quote(GFNMAP_CLI_PATH) +
-                            " " + args + " >" + quote(out.string()) + " 2>" + quote(err.string());
-    const int raw = std::system(cmd.c_str());
-    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;
-    r.out = slurp(out);
-    r.err = slurp(err);
-#else
-    (void)args;
-#endif
-    return r;
-  }
+  CliResult gfnmap(const std::string& args) { return run_cli(args, GFNMAP_SOURCE_DIR); }
 
   std::string write_file(const std::string& name, const std::string& text) {
     const fs::path p = tmp_ / name;
     std::ofstream(p) << text;
-    return quote(p.string());
+    return gfnmap::test::shell_quote(p.string());
   }
-
-  fs::path tmp_;
 };
 
 // Every row 1..27 of spec 4 through the program: all expect blocks hold.

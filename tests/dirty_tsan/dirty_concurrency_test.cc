@@ -105,6 +105,7 @@ TEST(DirtyConcurrency, Invariant23_RingOrderAndSoftFullUnderConcurrentReset) {
   DirtyRing* ring = *log.create_vcpu(0);
   constexpr uint64_t kPushes = 20000;
   std::atomic<bool> vcpu_done{false};
+  std::atomic<bool> filled_once{false};
   uint64_t exits = 0;
   std::thread vcpu([&] {
     for (uint64_t i = 0; i < kPushes; ++i) {
@@ -113,10 +114,14 @@ TEST(DirtyConcurrency, Invariant23_RingOrderAndSoftFullUnderConcurrentReset) {
       if (log.mark_page_dirty_in_slot(*lock.set(0).id_to_memslot(1), s.base_gfn + i % kPages,
                                       ring)) {
         ++exits;
+        filled_once.store(true, std::memory_order_release);
       }
     }
     vcpu_done.store(true, std::memory_order_release);
   });
+  // The VMM starts harvesting only after the first soft-full exit, so the exit path is taken
+  // on every run, whatever the scheduler does (20,000 pushes > 256 entries).
+  while (!filled_once.load(std::memory_order_acquire)) std::this_thread::yield();
   uint64_t next = 0;
   bool in_order = true;
   while (next < kPushes) {

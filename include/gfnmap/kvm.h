@@ -375,7 +375,24 @@ struct ReplayReport {
   bool all_agree() const { return disagreements == 0; }
 };
 
-// Errors only when the kernel side cannot be set up (no /dev/kvm: ENODEV/EACCES...).
+// Errors only when the kernel side cannot be set up (no /dev/kvm: ENOENT/EACCES...).
 Result<ReplayReport> replay_against_kernel(std::span<const ReplayOp> trace);
+
+// The kernel half of the replay on its own, for callers that drive gfnmap themselves (the CLI's
+// PeerApply hook): a fresh VM that takes memslot operations one at a time.
+class KernelMemslotPeer {
+ public:
+  static Result<std::unique_ptr<KernelMemslotPeer>> create();
+  // KVM_SET_USER_MEMORY_REGION(2) on the VM: 0 or the raw errno.
+  int apply(const UserspaceMemoryRegion& region, RegionIoctl ioctl = RegionIoctl::kV1);
+  // Memslots configured like this kernel (System::memslots_config).
+  MemslotsConfig memslots_config() const { return config_; }
+
+ private:
+  KernelMemslotPeer() = default;
+  std::unique_ptr<System> sys_;
+  std::unique_ptr<Vm> vm_;
+  MemslotsConfig config_;
+};
 
 }  // namespace gfnmap::kvm

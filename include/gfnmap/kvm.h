@@ -79,7 +79,8 @@ class System {
   size_t vcpu_mmap_size() const { return vcpu_mmap_size_; }
   // KVM_GET_SUPPORTED_CPUID.
   Result<std::vector<kvm_cpuid_entry2>> supported_cpuid() const;
-  // The MemslotsConfig that matches this kernel (address spaces, user slots, READONLY).
+  // The MemslotsConfig that matches this kernel (address spaces, user slots, READONLY, and the
+  // last gfn, probed in a scratch VM).
   MemslotsConfig memslots_config() const;
 
  private:

@@ -65,8 +65,14 @@ struct MemslotsConfig {
   unsigned nr_address_spaces = 1;          // 1, or 2 (x86 with SMM); at most 2
   uint32_t nr_user_slots = kUserMemSlots;  // KVM_USER_MEM_SLOTS; 1..kMemSlotsNum
   bool readonly_mem = true;                // arch supports KVM_MEM_READONLY
-  bool private_mem = false;                // VM accepts KVM_MEM_GUEST_MEMFD (not modelled: off)
+  // The VM accepts KVM_MEM_GUEST_MEMFD. Only the flag rules are modelled: gfnmap binds no
+  // guest_memfd file (the kernel's next step, which fails with EBADF/EINVAL without one).
+  bool private_mem = false;
   uint64_t task_size = kTaskSizeMax;       // access_ok() limit for userspace_addr + size
+  // The arch's highest gfn a CREATE or MOVE may cover (x86: kvm_mmu_max_gfn(), from the
+  // MMU's physical-address width; 2^40 - 1 with the shadow MMU). Checked after the overlap
+  // check, as the kernel's arch prepare hook does. kvm::System::memslots_config() probes it.
+  uint64_t max_gfn = ~uint64_t{0};
 };
 
 // Called by Memslots while it holds its slots lock (KVM's arch hooks). Pointers passed in are

@@ -113,6 +113,35 @@ Result<std::vector<kvm_cpuid_entry2>> System::supported_cpuid() const {
   return make_error(E2BIG, "KVM_GET_SUPPORTED_CPUID: more than 4096 entries");
 }
 
+namespace {
+
+// What only a VM can tell, asked of a scratch VM of the default type:
+// - KVM_CAP_GUEST_MEMFD on the VM fd: whether KVM_MEM_GUEST_MEMFD is an allowed flag (6.18
+//   accepts it on default x86 VMs, not only on private-memory VM types);
+// - the arch's last gfn (x86 kvm_mmu_max_gfn(): 2^(max_gpa_bits - 12) - 1), which no capability
+//   reports: probed with one-page slots at the top of each candidate width (one page of metadata
+//   each; the slot is deleted again). ~0 when nothing answers.
+void probe_vm_limits(int sys_fd, MemslotsConfig& c) {
+  Fd vm(::ioctl(sys_fd, KVM_CREATE_VM, 0UL));
+  if (!vm) return;
+  c.private_mem = ::ioctl(vm.get(), KVM_CHECK_EXTENSION, kCapGuestMemfd) > 0;
+  for (unsigned bits = 57; bits >= 32; --bits) {
+    kvm_userspace_memory_region r{};
+    r.slot = 0;
+    r.guest_phys_addr = (uint64_t{1} << bits) - kPageSize;
+    r.memory_size = kPageSize;
+    r.userspace_addr = uint64_t{1} << 30;  // access_ok() checks only the range
+    if (::ioctl(vm.get(), KVM_SET_USER_MEMORY_REGION, &r) == 0) {
+      r.memory_size = 0;
+      (void)::ioctl(vm.get(), KVM_SET_USER_MEMORY_REGION, &r);
+      c.max_gfn = (uint64_t{1} << (bits - kPageShift)) - 1;
+      return;
+    }
+  }
+}
+
+}  // namespace
+
 MemslotsConfig System::memslots_config() const {
   MemslotsConfig c;
   int nr_as = check_extension(KVM_CAP_MULTI_ADDRESS_SPACE);
@@ -121,6 +150,7 @@ MemslotsConfig System::memslots_config() const {
   if (nr > 0) c.nr_user_slots = static_cast<uint32_t>(nr);
   c.readonly_mem = check_extension(KVM_CAP_READONLY_MEM) > 0;
   c.private_mem = false;
+  probe_vm_limits(fd(), c);
   return c;
 }
 

@@ -419,6 +419,11 @@ Memslots::Impl::Outcome Memslots::Impl::set_memory_region_locked(const Userspace
                         " overlap slot ", other->id, " [", hex(other->base_gfn.value), ", ",
                         hex(other->end_gfn().value), ") in address space ", as_id);
     }
+    if (base_gfn.value + npages - 1 > config.max_gfn) {  // kvm_arch_prepare_memory_region
+      return make_error(EINVAL, "gfns [", hex(base_gfn.value), ", ",
+                        hex(base_gfn.value + npages), ") of slot ", id,
+                        " go past the arch's last gfn ", hex(config.max_gfn));
+    }
   }
 
   Memslot next;

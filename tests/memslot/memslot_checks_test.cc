@@ -488,5 +488,28 @@ TEST(MemslotChecks, SetMemoryRegionInsideReadSection_EDEADLK) {
                        "inside a memslots read section");
 }
 
+// Row 20, the arch prepare hook as the kernel applies it: x86 refuses CREATE and MOVE past kvm_mmu_max_gfn() with
+// EINVAL, after the overlap check (an overlapping slot past the limit is EEXIST); FLAGS_ONLY and
+// DELETE are not checked. Verified against the kernel in tests/kvm (memslot conformance).
+TEST(MemslotChecks, Row20_ArchMaxGfnOnCreateAndMoveAfterOverlap_EINVAL) {
+  MemslotsConfig config;
+  config.max_gfn = (uint64_t{1} << 40) - 1;  // x86 shadow MMU: 52-bit gpas
+  Memslots slots(config);
+  const uint64_t top = (config.max_gfn + 1) << kPageShift;
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(1, top - kMiB, kMiB)), MemslotChange::kCreate);
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(2, top, kPageSize, kHvaBase + kMiB)),
+                       EINVAL, "past the arch's last gfn");
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(2, top - kPageSize, 2 * kPageSize,
+                                                      kHvaBase + kMiB)),
+                       EEXIST, "overlap");
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(1, top - kMiB / 2, kMiB)), EINVAL,
+                       "past the arch's last gfn");
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(1, top - kMiB, kMiB, kHvaBase,
+                                                   kMemLogDirtyPages)),
+                    MemslotChange::kFlagsOnly);
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(1, 0, kMiB, kHvaBase, kMemLogDirtyPages)),
+                    MemslotChange::kMove);
+}
+
 }  // namespace
 }  // namespace gfnmap

@@ -1022,6 +1022,104 @@ TEST_P(Semantics, MprotectReadOnlyBackingWriteFailsEfaultReadWorks) {
   });
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// 5. Memslot changes and host changes under a running guest (invariants 16 and 20).
+
+void set_region_both(SideBySide& p, uint16_t id, uint64_t gpa, uint64_t size, uint32_t flags) {
+  UserspaceMemoryRegion r;
+  r.slot = id;
+  r.flags = flags;
+  r.guest_phys_addr = gpa;
+  r.memory_size = size;
+  r.userspace_addr = size ? p.hva(id).value : 0;
+  ASSERT_EQ(p.vm().set_user_memory_region(r), 0);
+  auto g = p.slots().set_memory_region(r);
+  ASSERT_TRUE(g.ok()) << error_to_string(g.error());
+}
+
+// MOVE: the old gpa range has no slot (MMIO), the new one shows the same backing; DELETE: MMIO.
+// Never a stale translation (invariant 20).
+TEST_P(Semantics, MovedAndDeletedSlotNeverShowsStaleMemory) {
+  SEMANTICS_SETUP(p, DirtyMode::kNone);
+  constexpr uint64_t kPages = 64;
+  constexpr uint64_t kSize = kPages * kPageSize;
+  constexpr uint64_t kMovedGpa = kDataGpa + 64 * kMiB;
+  ADD_SLOT(p, 1, kDataGpa, kSize, 0, GetParam());
+  kvm::GuestWorkload fill_all;
+  fill_all.slice = Gpa(kDataGpa);
+  fill_all.npages = kPages;
+  fill_all.write_percent = 100;
+  run_both_plain(p, fill_all);  // both sides now map every page writable
+  set_region_both(p, 1, kMovedGpa, kSize, 0);
+
+  kvm::GuestWorkload old_range = fill_all;
+  old_range.write_percent = 50;
+  old_range.random = true;
+  old_range.seed = 59;
+  Prediction want = predict(old_range, [](uint64_t) { return GpaKind::kMmio; },
+                            [](uint64_t) { return uint64_t{0}; });
+  expect_same_outcome(p, old_range, want, [] {});
+
+  kvm::GuestWorkload new_range = old_range;
+  new_range.slice = Gpa(kMovedGpa);
+  // The page at kMovedGpa + i holds what fill_all wrote at kDataGpa + i.
+  auto moved_initial = [](uint64_t gpa) {
+    return kvm::guest_write_value(Gpa(gpa - kMovedGpa + kDataGpa), 0);
+  };
+  want = predict(new_range, [](uint64_t) { return GpaKind::kRam; }, moved_initial);
+  expect_same_outcome(p, new_range, want, [&] {
+    for (uint64_t i = 0; i < kPages; ++i) {
+      *p.word(1, kMovedGpa, kMovedGpa + i * kPageSize) = moved_initial(kMovedGpa + i * kPageSize);
+    }
+  });
+
+  set_region_both(p, 1, kMovedGpa, 0, 0);
+  want = predict(new_range, [](uint64_t) { return GpaKind::kMmio; },
+                 [](uint64_t) { return uint64_t{0}; });
+  expect_same_outcome(p, new_range, want, [] {});
+}
+
+// A host discard (MADV_DONTNEED / MADV_REMOVE) of part of the backing: the guest reads zero
+// there and its own data elsewhere, on both sides (invariant 16 against the kernel's notifier).
+TEST_P(Semantics, DiscardedBackingReadsZeroInGuest) {
+  SEMANTICS_SETUP(p, DirtyMode::kNone);
+  constexpr uint64_t kPages = 512;
+  ADD_SLOT(p, 1, kDataGpa, kPages * kPageSize, 0, GetParam());
+  kvm::GuestWorkload fill_all;
+  fill_all.slice = Gpa(kDataGpa);
+  fill_all.npages = kPages;
+  fill_all.write_percent = 100;
+  run_both_plain(p, fill_all);
+  constexpr uint64_t kFirst = 100, kCount = 200;
+  ASSERT_TRUE(p.host().discard(p.hva(1) + kFirst * kPageSize, kCount * kPageSize).ok());
+  kvm::GuestWorkload reads = fill_all;
+  reads.write_percent = 0;
+  auto initial = [](uint64_t gpa) {
+    uint64_t i = (gpa - kDataGpa) / kPageSize;
+    return i >= kFirst && i < kFirst + kCount ? 0 : kvm::guest_write_value(Gpa(gpa), 0);
+  };
+  Prediction want = predict(reads, [](uint64_t) { return GpaKind::kRam; }, initial);
+  expect_same_outcome(p, reads, want, [] {});
+}
+
+// READONLY | LOG_DIRTY_PAGES: writes exit as MMIO and are never logged; reads never make a
+// writable mapping (spec row 4), so nothing is logged on any backing.
+TEST_P(Semantics, ReadOnlyLoggingSlotLogsNothing) {
+  SEMANTICS_SETUP(p, DirtyMode::kBitmap);
+  ADD_SLOT(p, kLogSlot, kDataGpa, kLogPages * kPageSize, kMemReadonly | kMemLogDirtyPages,
+           GetParam(), /*kvm=*/true, /*shared=*/false);
+  std::memset(reinterpret_cast<void*>(p.hva(kLogSlot).value), 0, kLogPages * kPageSize);
+  std::memset(reinterpret_cast<void*>(p.kvm_hva(kLogSlot).value), 0, kLogPages * kPageSize);
+  kvm::GuestWorkload w = log_workload(0, kLogPages, 50, 61, 1);
+  Prediction want = predict(w, [](uint64_t) { return GpaKind::kRom; },
+                            [](uint64_t) { return uint64_t{0}; });
+  expect_same_outcome(p, w, want, [] {});
+  LogChecker c(p, /*exact=*/true);
+  c.ran(w);
+  c.get(Bitmap(kLogWords, 0), "after writes to a READONLY slot");
+}
+
 INSTANTIATE_TEST_SUITE_P(Backing, Semantics,
                          ::testing::Values(RegionKind::kAnonymous, RegionKind::kMemfdShared,
                                            RegionKind::kThp),

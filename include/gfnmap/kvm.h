@@ -7,6 +7,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -41,6 +42,14 @@ struct UserspaceMemoryRegion2 {
   uint32_t pad1 = 0;
   uint64_t pad2[14] = {};
 };
+
+// struct kvm_create_guest_memfd and KVM_CREATE_GUEST_MEMFD (Linux 6.8+).
+struct CreateGuestMemfd {
+  uint64_t size = 0;
+  uint64_t flags = 0;
+  uint64_t reserved[6] = {};
+};
+inline constexpr unsigned long kCreateGuestMemfd = _IOWR(KVMIO, 0xd4, CreateGuestMemfd);
 
 // True when /dev/kvm can be opened read-write; otherwise *why (optional) says why not.
 bool kvm_available(std::string* why = nullptr);
@@ -202,11 +211,13 @@ class Vm {
   // KVM_CHECK_EXTENSION on the VM fd: value (>= 0) or -errno.
   int check_extension(long cap) const;
 
-  // KVM_SET_USER_MEMORY_REGION (kV1) or _REGION2 (kV2, guest_memfd fields 0). Returns 0 or
+  // KVM_SET_USER_MEMORY_REGION (kV1) or _REGION2 (kV2, with the guest_memfd fields). Returns 0 or
   // the kernel's raw errno, never altered.
   int set_user_memory_region(const UserspaceMemoryRegion& region,
                              RegionIoctl ioctl = RegionIoctl::kV1);
   int set_user_memory_region2(const UserspaceMemoryRegion2& region);
+  // KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes for this VM.
+  Result<Fd> create_guest_memfd(uint64_t size, uint64_t flags = 0);
 
   // KVM_GET_DIRTY_LOG into `bitmap` (one bit per page of the slot; it must hold the slot's
   // npages rounded up to 64 bits). 0 or errno.
@@ -318,7 +329,11 @@ struct RunSlot {
   uint16_t id = 0;
   Gpa gpa;
   uint64_t size = 0;
-  void* hva = nullptr;  // caller's backing, page aligned; nullptr: the runner maps anonymous
+  // Caller's backing, page aligned; nullptr: the runner maps anonymous memory. The runner never
+  // touches it, so it may be registered with a userfaultfd page server (uffd::PageServer):
+  // then the guest's first touch of a page is a fault KVM's GUP raises and the server serves
+  // (lazy restore of a real guest). The server must be started before the run.
+  void* hva = nullptr;
   uint32_t flags = 0;   // KVM_MEM_*; LOG_DIRTY_PAGES is added when dirty != kNone
 };
 
@@ -334,6 +349,14 @@ struct RunConfig {
   uint64_t seed = 1;
   DirtyMode dirty = DirtyMode::kNone;
   uint32_t dirty_ring_bytes = 64 * 1024;  // with kRing
+  // Every vCPU's slice is [slice_gpa, slice_gpa + bytes_per_vcpu) instead of its own.
+  bool overlap = false;
+  // With dirty != kNone: logging is turned on (a FLAGS_ONLY change of every slot) after pass 1
+  // and the log is harvested after every later pass, as `gfnmap run` does on gfnmap's MMU;
+  // false: logging from the start, harvested once after the run.
+  bool dirty_after_first_pass = false;
+  // Called on the vCPU's thread when it finished a pass (0-based); for progress reports.
+  std::function<void(unsigned vcpu, uint32_t pass)> on_pass;
 };
 
 struct RunStats {
@@ -342,7 +365,12 @@ struct RunStats {
   double first_touch_ns_per_page = 0;   // pass 0 wall time / pages per vCPU, mean over vCPUs
   double retouch_ns_per_page = 0;       // later passes, mean
   double accesses_per_sec_after = 0;    // all vCPUs, passes after the first
-  uint64_t dirty_pages_harvested = 0;   // bits set / ring entries after the run
+  // vCPUs run each pass in lock step (all start together, the next pass starts when all
+  // finished): wall time of pass 1 and of the later passes, harvests excluded.
+  double first_touch_seconds = 0;
+  double after_seconds = 0;
+  uint64_t dirty_pages_harvested = 0;   // bits set / ring entries, summed over harvests
+  uint64_t dirty_harvests = 0;          // KVM_GET_DIRTY_LOG rounds (all slots) or ring harvests
   std::array<uint64_t, kExitKindCount> exits{};  // every exit, pass reports included
   uint64_t io_exits = 0;
   std::vector<uint64_t> checksums;      // per vCPU

@@ -53,6 +53,8 @@ struct UserspaceMemoryRegion {
   uint64_t memory_size = 0;  // bytes; 0 deletes the slot
   uint64_t userspace_addr = 0;
   uint64_t guest_memfd_offset = 0;  // REGION2 only; checked only with kMemGuestMemfd
+  uint32_t guest_memfd = 0;         // REGION2 only: the guest_memfd file descriptor (see
+                                    // MemslotsConfig::check_guest_memfd_file)
 };
 
 enum class MemslotChange { kCreate, kDelete, kMove, kFlagsOnly };
@@ -65,9 +67,14 @@ struct MemslotsConfig {
   unsigned nr_address_spaces = 1;          // 1, or 2 (x86 with SMM); at most 2
   uint32_t nr_user_slots = kUserMemSlots;  // KVM_USER_MEM_SLOTS; 1..kMemSlotsNum
   bool readonly_mem = true;                // arch supports KVM_MEM_READONLY
-  // The VM accepts KVM_MEM_GUEST_MEMFD. Only the flag rules are modelled: gfnmap binds no
-  // guest_memfd file (the kernel's next step, which fails with EBADF/EINVAL without one).
+  // The VM accepts KVM_MEM_GUEST_MEMFD (the flag rules of 7.4). gfnmap registers such slots but
+  // does not model their memory.
   bool private_mem = false;
+  // A CREATE with GUEST_MEMFD looks up `guest_memfd` in this process after the overlap check,
+  // as kvm_gmem_bind does: a closed fd is EBADF, an open fd that is not a guest_memfd file
+  // ("anon_inode:[kvm-gmem]") is EINVAL. Whether the file belongs to this VM, and its size, are
+  // not checked. Off: no lookup (the model's default). kvm::System::memslots_config() sets it.
+  bool check_guest_memfd_file = false;
   uint64_t task_size = kTaskSizeMax;       // access_ok() limit for userspace_addr + size
   // The arch's highest gfn a CREATE or MOVE may cover (x86: kvm_mmu_max_gfn(), from the
   // MMU's physical-address width; 2^40 - 1 with the shadow MMU). Checked after the overlap

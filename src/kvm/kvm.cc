@@ -16,6 +16,7 @@ namespace gfnmap::kvm {
 // SAFETY/ABI: layouts the kernel expects; the 6.1 headers lack REGION2 and MEMORY_FAULT.
 static_assert(sizeof(UserspaceMemoryRegion2) == 160);
 static_assert(offsetof(UserspaceMemoryRegion2, guest_memfd_offset) == 32);
+static_assert(sizeof(CreateGuestMemfd) == 64);
 static_assert(offsetof(UserspaceMemoryRegion2, guest_memfd) == 40);
 static_assert(sizeof(kvm_userspace_memory_region) == 32);
 static_assert(sizeof(kvm_dirty_gfn) == 16);
@@ -125,6 +126,7 @@ void probe_vm_limits(int sys_fd, MemslotsConfig& c) {
   Fd vm(::ioctl(sys_fd, KVM_CREATE_VM, 0UL));
   if (!vm) return;
   c.private_mem = ::ioctl(vm.get(), KVM_CHECK_EXTENSION, kCapGuestMemfd) > 0;
+  c.check_guest_memfd_file = c.private_mem;
   for (unsigned bits = 57; bits >= 32; --bits) {
     kvm_userspace_memory_region r{};
     r.slot = 0;
@@ -387,6 +389,15 @@ int Vm::enable_cap(uint32_t cap, uint64_t arg0, uint64_t arg1) {
   return ioctl_errno(fd(), KVM_ENABLE_CAP, &c);
 }
 
+Result<Fd> Vm::create_guest_memfd(uint64_t size, uint64_t flags) {
+  CreateGuestMemfd args;
+  args.size = size;
+  args.flags = flags;
+  int fd = ::ioctl(fd_.get(), kCreateGuestMemfd, &args);
+  if (fd < 0) return sys_error(errno, "KVM_CREATE_GUEST_MEMFD");
+  return Fd(fd);
+}
+
 int Vm::set_user_memory_region(const UserspaceMemoryRegion& region, RegionIoctl ioctl) {
   if (ioctl == RegionIoctl::kV2) {
     UserspaceMemoryRegion2 r2;
@@ -395,6 +406,8 @@ int Vm::set_user_memory_region(const UserspaceMemoryRegion& region, RegionIoctl 
     r2.guest_phys_addr = region.guest_phys_addr;
     r2.memory_size = region.memory_size;
     r2.userspace_addr = region.userspace_addr;
+    r2.guest_memfd_offset = region.guest_memfd_offset;
+    r2.guest_memfd = region.guest_memfd;
     return set_user_memory_region2(r2);
   }
   kvm_userspace_memory_region r{};

@@ -1,7 +1,11 @@
 // gfnmap memslots: the writer (KVM_SET_USER_MEMORY_REGION checks in KVM's order, INVALID
 // window, swaps with generations and the wait for invalidations) and the read lock.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cinttypes>
 #include <condition_variable>
 #include <cstdio>
@@ -41,6 +45,20 @@ std::string_view to_string(MemslotChange change) {
 // State. Lock order: slots_lock, then mn_lock. Readers take neither.
 
 namespace {
+
+// kvm_gmem_bind's file lookup: 0 for a guest_memfd file, EBADF for a closed fd, EINVAL for any
+// other file.
+int guest_memfd_file_errno(uint32_t fd) {
+  if (fd > static_cast<uint32_t>(INT32_MAX) || ::fcntl(static_cast<int>(fd), F_GETFD) < 0) {
+    return EBADF;
+  }
+  char link[64];
+  char target[64] = {};
+  std::snprintf(link, sizeof link, "/proc/self/fd/%u", fd);
+  ssize_t n = ::readlink(link, target, sizeof target - 1);
+  if (n < 0) return EINVAL;
+  return std::string_view(target, static_cast<size_t>(n)) == "anon_inode:[kvm-gmem]" ? 0 : EINVAL;
+}
 
 // Read sections this thread is inside (any Memslots): a writer inside one would wait for
 // itself in synchronize(), so set_memory_region refuses with EDEADLK.
@@ -418,6 +436,14 @@ Memslots::Impl::Outcome Memslots::Impl::set_memory_region_locked(const Userspace
                         hex(base_gfn.value + npages), ") of slot ", id,
                         " overlap slot ", other->id, " [", hex(other->base_gfn.value), ", ",
                         hex(other->end_gfn().value), ") in address space ", as_id);
+    }
+    if (change == MemslotChange::kCreate && (flags & kMemGuestMemfd) &&
+        config.check_guest_memfd_file) {  // kvm_gmem_bind
+      if (int err = guest_memfd_file_errno(mem.guest_memfd)) {
+        return make_error(err, "guest_memfd ", mem.guest_memfd,
+                          err == EBADF ? " is not an open file descriptor"
+                                       : " is not a guest_memfd file");
+      }
     }
     if (base_gfn.value + npages - 1 > config.max_gfn) {  // kvm_arch_prepare_memory_region
       return make_error(EINVAL, "gfns [", hex(base_gfn.value), ", ",

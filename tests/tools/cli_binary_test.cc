@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "gfnmap/kvm.h"
 #include "cli_process.h"
 
 namespace {
@@ -184,6 +185,52 @@ TEST_F(Cli, ReplayExampleTraces_ExitZeroAndJsonParses) {
 TEST_F(Cli, ReplayExpectNotMet_ExitsOne) {
   CliResult r = gfnmap("replay scenarios/traces/address-spaces.trace");  // needs --address-spaces 2
   EXPECT_EQ(r.status, 1) << r.out << r.err;
+}
+
+// `replay --kvm`: every operation of the example traces also goes to a real VM; gfnmap, configured
+// like that kernel, gives the same errno for each (invariant 21 against the running kernel).
+TEST_F(Cli, ReplayKvm_Invariant21_ExampleTracesAgreeWithTheKernel) {
+  std::string why;
+  if (!gfnmap::kvm::kvm_available(&why)) GTEST_SKIP() << why;
+  for (const char* file : {"lifecycle.trace", "errors.trace", "slot-limit.trace",
+                           "address-spaces.trace"}) {
+    SCOPED_TRACE(file);
+    CliResult r = gfnmap(std::string("replay --kvm --json scenarios/traces/") + file);
+    ASSERT_TRUE(r.status == 0 || r.status == 1) << r.err;
+    const nlohmann::json j = nlohmann::json::parse(r.out);
+    EXPECT_EQ(j.at("peer"), "kvm");
+    EXPECT_EQ(j.at("disagreements"), 0) << r.out;
+    size_t kernel_errors = 0;
+    for (const auto& op : j.at("operations")) {
+      ASSERT_TRUE(op.contains("peer"));
+      EXPECT_TRUE(op.at("agrees").get<bool>()) << op.dump();
+      kernel_errors += !op.at("peer").at("ok").get<bool>();
+    }
+    if (std::string(file) == "errors.trace") {
+      EXPECT_GE(kernel_errors, 10u);
+    }
+  }
+  // The text form prints the kernel's line under each operation and the total.
+  CliResult text = gfnmap("replay --kvm scenarios/traces/lifecycle.trace");
+  EXPECT_EQ(text.status, 0) << text.out << text.err;
+  EXPECT_NE(text.out.find("kvm: OK  (agrees)"), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("kvm: 0 disagreements"), std::string::npos) << text.out;
+}
+
+// A valid slot above --kvm-max-slot is refused before anything reaches the kernel (its shadow
+// MMU allocates metadata per page); sizes the kernel itself rejects are let through.
+TEST_F(Cli, ReplayKvm_RefusesHugeValidSlotsAndConflictingOptions) {
+  CliResult big = gfnmap("replay --kvm " + write_file("big.trace", "slot=1 size=2G hva=1G\n"));
+  EXPECT_EQ(big.status, 2);
+  EXPECT_NE(big.err.find("big.trace:1: a slot of 0x80000000 bytes is larger than --kvm-max-slot 1G"),
+            std::string::npos) << big.err;
+  CliResult limit = gfnmap("replay --kvm --kvm-max-slot 1M " +
+                           write_file("mid.trace", "slot=1 size=2M hva=1G\n"));
+  EXPECT_EQ(limit.status, 2);
+  EXPECT_NE(limit.err.find("--kvm-max-slot 1M"), std::string::npos) << limit.err;
+  EXPECT_EQ(gfnmap("replay --kvm --kvm-max-slot 1q scenarios/traces/lifecycle.trace").status, 2);
+  EXPECT_EQ(gfnmap("replay --kvm --slots 4 scenarios/traces/lifecycle.trace").status, 2);
+  EXPECT_EQ(gfnmap("replay --kvm-max-slot 1G scenarios/traces/lifecycle.trace").status, 2);
 }
 
 TEST_F(Cli, ReplayBadInput_ExitsTwoWithTheLine) {

@@ -85,6 +85,7 @@ uint32_t parse_mem_flags(std::string_view text, std::string_view what) {
 
 std::string OpOutcome::summary() const {
   if (err) return std::string(errno_name(err));
+  if (!kind_known) return "OK";
   return "OK " + change_name(change);
 }
 
@@ -141,6 +142,12 @@ std::vector<TraceOp> parse_memslot_trace(std::string_view text, const std::strin
           seen_size = true;
         } else if (key == "hva") {
           op.region.userspace_addr = parse_u64(val, what);
+        } else if (key == "gmem_fd") {
+          uint64_t fd = parse_u64(val, what);
+          if (fd > UINT32_MAX) throw BadInput(fmt::format("gmem_fd: {} does not fit 32 bits", fd));
+          op.region.guest_memfd = static_cast<uint32_t>(fd);
+        } else if (key == "gmem_offset") {
+          op.region.guest_memfd_offset = parse_u64(val, what);
         } else if (key == "ioctl") {
           if (val == "v1" || val == "1") {
             op.ioctl = RegionIoctl::kV1;
@@ -157,7 +164,7 @@ std::vector<TraceOp> parse_memslot_trace(std::string_view text, const std::strin
           op.expect = std::string(val);
         } else {
           throw BadInput(fmt::format("unknown key \"{}\" (keys: slot, as, flags, gpa, size, hva, "
-                                     "ioctl, expect)", key));
+                                     "gmem_fd, gmem_offset, ioctl, expect)", key));
         }
       } catch (const BadInput& e) {
         throw fail(e.what());
@@ -274,7 +281,7 @@ nlohmann::json replay_to_json(const ReplayReport& report) {
     j["ok"] = o.err == 0;
     j["errno"] = o.err ? json(std::string(errno_name(o.err))) : json(nullptr);
     j["message"] = o.err ? json(o.message) : json(nullptr);
-    j["change"] = o.err ? json(nullptr) : json(change_name(o.change));
+    j["change"] = o.err || !o.kind_known ? json(nullptr) : json(change_name(o.change));
     j["summary"] = o.summary();
     return j;
   };

@@ -16,7 +16,8 @@
 namespace gfnmap::cli {
 
 // One line of a trace:
-//   slot=ID [as=AS] [flags=NAME|NAME|0xN] [gpa=N] size=N [hva=N] [ioctl=v1|v2] [expect=WHAT]
+//   slot=ID [as=AS] [flags=NAME|NAME|0xN] [gpa=N] size=N [hva=N] [gmem_fd=N] [gmem_offset=N]
+//   [ioctl=v1|v2] [expect=WHAT]
 // Numbers are decimal or 0x-hex with an optional K/M/G/T suffix; '#' starts a comment.
 // Without as=, slot= is KVM's raw 32-bit field (address space in bits 16..31).
 struct TraceOp {
@@ -35,7 +36,8 @@ struct OpOutcome {
   int err = 0;                         // 0 or a positive errno
   std::string message;                 // gfnmap's message for an error
   std::optional<MemslotChange> change;  // on success; nullopt = no-op modify
-  // "OK CREATE", "OK NOOP", "EINVAL".
+  bool kind_known = true;              // false: success without the change kind (the kernel)
+  // "OK CREATE", "OK NOOP", "OK" (kind unknown), "EINVAL".
   std::string summary() const;
 };
 

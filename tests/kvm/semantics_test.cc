@@ -1,15 +1,16 @@
-// kvm suite, guest-visible semantics: the same guest access pattern runs on a real KVM guest and
-// on gfnmap's Mmu/Vcpu over LinuxHost (same slot layout, the very same backing memory), and what
-// the guest (or its VMM) can observe must agree: MMIO exits, data read, dirty logs, EFAULT.
+// kvm suite, guest-visible semantics: one guest access pattern on a real KVM guest and on gfnmap's
+// Vcpu over LinuxHost (same slots, same backing) must look the same: MMIO, data, dirty logs, EFAULT.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gfnmap/dirty.h"
@@ -91,7 +92,6 @@ class SideBySide {
 
   // Returns an empty string on success, else why the setup failed.
   std::string init(DirtyMode dirty, uint32_t ring_bytes = kRingBytes) {
-    dirty_mode_ = dirty;
     auto sys = kvm::System::open();
     if (!sys) return "System::open: " + error_to_string(sys.error());
     sys_ = std::make_unique<kvm::System>(std::move(*sys));
@@ -139,17 +139,19 @@ class SideBySide {
     return add_slot(0, 0, kvm::Guest::kSystemSize, 0, RegionKind::kAnonymous, /*kvm=*/false);
   }
 
+  // gfnmap's side goes first (its Vcpu before its Mmu before its memslots), then the VM, and
+  // the backing memory last, so no memslot of either side outlives its memory.
   ~SideBySide() {
     vcpu_.reset();
     mmu_.reset();
     dirty_.reset();
     slots_.reset();
-    if (host_) {
-      for (const auto& r : host_->regions()) (void)host_->unregister_region(r.start);
-    }
     kvcpu_.reset();
     guest_.reset();
     vm_.reset();
+    if (host_) {
+      for (const auto& r : host_->regions()) (void)host_->unregister_region(r.start);
+    }
   }
 
   // Creates a region of `kind` and registers it as slot `id` in gfnmap and (kvm) in the VM.
@@ -331,7 +333,6 @@ class SideBySide {
   gfnmap::Vcpu& vcpu() { return *vcpu_; }
 
  private:
-  DirtyMode dirty_mode_ = DirtyMode::kNone;
   std::unique_ptr<kvm::System> sys_;
   std::unique_ptr<kvm::Vm> vm_;
   std::unique_ptr<kvm::Guest> guest_;

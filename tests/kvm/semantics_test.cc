@@ -2,6 +2,7 @@
 // Vcpu over LinuxHost (same slots, same backing) must look the same: MMIO, data, dirty logs, EFAULT.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -159,11 +160,13 @@ class SideBySide {
   // shared = false: the VM gets its own region of the same kind (for dirty logs, where what
   // the host MM has already mapped writable changes what KVM logs, so each side needs its own
   // history).
+  // fd: the file of a kFileShared / kFilePrivate region (kept open by the caller).
   std::string add_slot(uint16_t id, uint64_t gpa, uint64_t size, uint32_t flags,
-                       RegionKind kind, bool kvm = true, bool shared = true) {
+                       RegionKind kind, bool kvm = true, bool shared = true, int fd = -1) {
     RegionSpec spec;
     spec.kind = kind;
     spec.size = size;
+    spec.fd = fd;
     auto r = host_->create_region(spec);
     if (!r) return "create_region: " + error_to_string(r.error());
     UserspaceMemoryRegion region;
@@ -1141,6 +1144,89 @@ TEST_P(Semantics, ReadOnlyLoggingSlotLogsNothing) {
   LogChecker c(p, /*exact=*/true);
   c.ran(w);
   c.get(Bitmap(kLogWords, 0), "after writes to a READONLY slot");
+}
+
+
+// munmap of part of the backing (no VMA: spec row 13): any access there fails KVM_RUN with
+// EFAULT and gives gfnmap's memory-fault exit for the same gpa; the rest of the slot works.
+TEST_P(Semantics, UnmappedBackingAccessFailsEfault) {
+  SEMANTICS_SETUP(p, DirtyMode::kNone);
+  constexpr uint64_t kPages = 64;
+  ADD_SLOT(p, 1, kDataGpa, kPages * kPageSize, 0, GetParam());
+  kvm::GuestWorkload fill_all;
+  fill_all.slice = Gpa(kDataGpa);
+  fill_all.npages = kPages;
+  fill_all.write_percent = 100;
+  run_both_plain(p, fill_all);
+  constexpr uint64_t kHole = 32;
+  ASSERT_TRUE(p.host().unmap(p.hva(1) + kHole * kPageSize, 8 * kPageSize).ok());
+  for (uint32_t write_percent : {0u, 100u}) {
+    kvm::GuestWorkload w = fill_all;
+    w.write_percent = write_percent;
+    Outcome real = p.run_real(w);
+    Outcome engine = p.run_engine(w);
+    const uint64_t hole_gpa = kDataGpa + kHole * kPageSize;
+    ASSERT_EQ(real.events.size(), 1u) << to_string(real.events);
+    ASSERT_EQ(engine.events.size(), 1u) << to_string(engine.events);
+    EXPECT_EQ(real.events[0].kind, Event::Kind::kMemoryFault) << to_string(real.events);
+    EXPECT_EQ(real.events[0].error, EFAULT);
+    EXPECT_EQ(engine.events[0].kind, Event::Kind::kMemoryFault) << to_string(engine.events);
+    EXPECT_EQ(engine.events[0].error, EFAULT);
+    EXPECT_EQ(engine.events[0].gpa, hole_gpa);
+    if (real.last_real.kind == kvm::ExitKind::kMemoryFault) {
+      EXPECT_EQ(real.last_real.memory_fault.gpa.value, hole_gpa);
+    }
+    // Everything before the hole was done on both sides: the same reads.
+    if (write_percent == 0) {
+      kvm::GuestWorkload before = w;
+      before.npages = kHole;
+      Prediction want = predict(before, [](uint64_t) { return GpaKind::kRam; },
+                                [](uint64_t gpa) { return kvm::guest_write_value(Gpa(gpa), 0); });
+      EXPECT_EQ(engine.checksum, want.checksum);
+    }
+  }
+}
+
+// A private file mapping (MAP_PRIVATE of a file): reads see the file, guest writes break CoW
+// (spec row 7) and stay private to the mapping; the file never changes. Discarding the
+// private copies shows the file again, on both sides.
+TEST(FileSemantics, PrivateFileBackingWritesStayPrivate) {
+  GFNMAP_REQUIRE_KVM();
+  constexpr uint64_t kPages = 128;
+  constexpr uint64_t kSize = kPages * kPageSize;
+  int fd = memfd_create("gfnmap-semantics", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(kSize)), 0);
+  for (uint64_t i = 0; i < kPages; ++i) {
+    uint64_t v = fill_value(kDataGpa + i * kPageSize);
+    ASSERT_EQ(pwrite(fd, &v, sizeof v, static_cast<off_t>(i * kPageSize)), 8);
+  }
+  {
+    SideBySide p;
+    if (std::string why = p.init(DirtyMode::kNone); !why.empty()) {
+      close(fd);
+      GTEST_SKIP() << "side-by-side setup: " << why;
+    }
+    std::string why = p.add_slot(1, kDataGpa, kSize, 0, RegionKind::kFilePrivate, true, true, fd);
+    ASSERT_TRUE(why.empty()) << why;
+    kvm::GuestWorkload w;
+    w.slice = Gpa(kDataGpa);
+    w.npages = kPages;
+    w.passes = 2;
+    w.write_percent = 40;
+    w.random = true;
+    w.seed = 67;
+    Prediction want = predict(w, [](uint64_t) { return GpaKind::kRam; }, fill_value);
+    expect_same_outcome(p, w, want, [&] {
+      ASSERT_TRUE(p.host().discard(p.hva(1), kSize).ok());
+    });
+    for (uint64_t i = 0; i < kPages; ++i) {
+      uint64_t v = 0;
+      ASSERT_EQ(pread(fd, &v, sizeof v, static_cast<off_t>(i * kPageSize)), 8);
+      ASSERT_EQ(v, fill_value(kDataGpa + i * kPageSize)) << "the file changed at page " << i;
+    }
+  }
+  close(fd);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backing, Semantics,

@@ -730,7 +730,7 @@ struct LogChecker {
   }
   void report() {
     if (!known.empty()) {
-      GTEST_SKIP() << "KNOWN DIFFERENCE (docs/spec-notes.md, Guest-visible semantics G1/G4: the "
+      GTEST_SKIP() << "KNOWN DIFFERENCE (docs/spec-notes.md, Guest-visible semantics G1/G2: the "
                       "kernel also logs read faults on host-writable pages); every other check "
                       "passed:"
                    << known;

@@ -1,5 +1,5 @@
 // gfnmap MMU benchmarks: table hit (gpa -> host pointer) vs a flat array and a region binary
-// search, 1 GiB fault-in vs MADV_POPULATE_WRITE, 1 GiB invalidation and dirty-log get, metadata.
+// search, 1 GiB fault-in vs MADV_POPULATE_WRITE, 1 GiB invalidation, dirty-log get and get+clear.
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 
@@ -36,8 +36,10 @@ struct Guest {
   Hva base;
   uint64_t bytes = 0;
 
+  // fault_around: LinuxHost::Options::fault_around_pages; pte_prefetch: MmuOptions; manual:
+  // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on the dirty log (before any slot exists).
   bool init(uint64_t size, unsigned nr_slots, RegionKind kind, benchmark::State& state,
-            uint32_t fault_around = 0) {
+            uint32_t fault_around = 0, bool pte_prefetch = false, bool manual = false) {
     bytes = size;
     LinuxHost::Options lo;
     lo.pfn_source = PfnSource::kVirtual;  // pfns are labels here; no pagemap pread per fault
@@ -58,8 +60,13 @@ struct Guest {
     }
     base = r->start;
     dirty = std::make_unique<DirtyLog>(slots);
+    if (manual && !dirty->enable_manual_dirty_log_protect(kDirtyLogManualProtectEnable)) {
+      state.SkipWithError("manual dirty-log protect unavailable");
+      return false;
+    }
     MmuOptions o;
     o.dirty = dirty.get();
+    o.pte_prefetch = pte_prefetch;
     mmu = std::make_unique<Mmu>(slots, *host, o);
     uint64_t per = size / nr_slots;
     for (unsigned s = 0; s < nr_slots; ++s) {
@@ -201,21 +208,26 @@ BENCHMARK(BM_FaultIn1G_PopulateWriteFloor4K)->UseManualTime()->Iterations(1)->Un
 BENCHMARK(BM_FaultIn1G_PopulateWriteFloorThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
 // gfnmap: first-touch write of every page of 1 GiB through Vcpu::write_u64.
-void fault_in(benchmark::State& state, RegionKind kind, uint32_t fault_around = 0) {
+void fault_in(benchmark::State& state, RegionKind kind, uint32_t fault_around = 0,
+              bool pte_prefetch = false) {
   double metadata_pct = 0;
+  uint64_t faults = 0;
   for (auto _ : state) {
     Guest g;
-    if (!g.init(kGiB, 1, kind, state, fault_around)) return;
+    if (!g.init(kGiB, 1, kind, state, fault_around, pte_prefetch)) return;
     auto t0 = std::chrono::steady_clock::now();
     g.touch_all();
     auto t1 = std::chrono::steady_clock::now();
     state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
     metadata_pct = 100.0 * static_cast<double>(g.mmu->metadata_bytes()) / static_cast<double>(kGiB);
+    faults += g.mmu->stats().faults;
   }
   state.counters["ns_per_page"] = benchmark::Counter(
       static_cast<double>(kGiB / kPageSize) * static_cast<double>(state.iterations()),
       benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
   state.counters["metadata_pct"] = metadata_pct;
+  state.counters["faults_per_page"] = static_cast<double>(faults) /
+                                      static_cast<double>(state.iterations() * (kGiB / kPageSize));
 }
 void BM_FaultIn1G_Gfnmap4K(benchmark::State& s) { fault_in(s, RegionKind::kAnonymous); }
 void BM_FaultIn1G_GfnmapThp(benchmark::State& s) { fault_in(s, RegionKind::kThp); }
@@ -223,7 +235,14 @@ void BM_FaultIn1G_GfnmapThp(benchmark::State& s) { fault_in(s, RegionKind::kThp)
 void BM_FaultIn1G_Gfnmap4KFaultAround64(benchmark::State& s) {
   fault_in(s, RegionKind::kAnonymous, 64);
 }
+// The same with the MMU's PTE prefetch (KVM's direct_pte_prefetch): the fault that populates a
+// window also maps the present neighbours of its aligned group of 8, so 7 of 8 pages take no
+// fault. range(0): LinuxHost fault-around pages.
+void BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch(benchmark::State& s) {
+  fault_in(s, RegionKind::kAnonymous, static_cast<uint32_t>(s.range(0)), true);
+}
 BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAround64)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch)->Arg(64)->Arg(512)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_Gfnmap4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_GfnmapThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
@@ -269,6 +288,61 @@ void BM_DirtyLogGet1G(benchmark::State& state) {
       static_cast<double>(pages) / static_cast<double>(state.iterations());
 }
 BENCHMARK(BM_DirtyLogGet1G)->Iterations(3)->Unit(benchmark::kMillisecond);
+
+// Manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), every page dirty: KVM_GET_DIRTY_LOG (a
+// copy) then KVM_CLEAR_DIRTY_LOG of the whole slot with the bits just read (clear + write-protect
+// the 4K leaves + flush), as a migration round does. Floor: memcpy + memset of the bitmap.
+void BM_DirtyLogGetClear1G(benchmark::State& state) {
+  Guest g;
+  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state, 0, false, /*manual=*/true)) return;
+  g.touch_all();
+  UserspaceMemoryRegion region;
+  region.slot = 0;
+  region.flags = kMemLogDirtyPages;
+  region.guest_phys_addr = kGuestBase;
+  region.memory_size = kGiB;
+  region.userspace_addr = g.base.value;
+  if (!g.slots.set_memory_region(region)) {
+    state.SkipWithError("enabling dirty logging failed");
+    return;
+  }
+  const uint64_t pages_per_slot = kGiB / kPageSize;
+  std::vector<uint64_t> bm(dirty_bitmap_words(pages_per_slot));
+  uint64_t cleared = 0;
+  for (auto _ : state) {
+    g.touch_all();  // write faults on the protected leaves mark every page dirty again
+    auto t0 = std::chrono::steady_clock::now();
+    auto r = g.dirty->get_dirty_log(0, bm);
+    auto c = g.dirty->clear_dirty_log(0, 0, static_cast<uint32_t>(pages_per_slot), bm);
+    auto t1 = std::chrono::steady_clock::now();
+    if (!r || !c) {
+      state.SkipWithError("get/clear failed");
+      return;
+    }
+    cleared += *c;
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+  state.counters["pages_per_clear"] =
+      static_cast<double>(cleared) / static_cast<double>(state.iterations());
+}
+BENCHMARK(BM_DirtyLogGetClear1G)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+
+// The floor of a get+clear: copy the 32 KiB bitmap of 1 GiB out and zero it.
+void BM_DirtyLogGetClear1G_MemcpyMemsetFloor(benchmark::State& state) {
+  const size_t words = dirty_bitmap_words(kGiB / kPageSize);
+  std::vector<uint64_t> bitmap(words), out(words);
+  for (auto _ : state) {
+    std::fill(bitmap.begin(), bitmap.end(), ~uint64_t{0});
+    benchmark::ClobberMemory();
+    auto t0 = std::chrono::steady_clock::now();
+    std::memcpy(out.data(), bitmap.data(), words * 8);
+    std::memset(bitmap.data(), 0, words * 8);
+    benchmark::ClobberMemory();
+    auto t1 = std::chrono::steady_clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+}
+BENCHMARK(BM_DirtyLogGetClear1G_MemcpyMemsetFloor)->UseManualTime()->Iterations(100)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

@@ -19,7 +19,8 @@ namespace gfnmap {
 
 // What backs a region (the KVM selftests' "backing source").
 enum class RegionKind {
-  kAnonymous,    // private anonymous (MAP_PRIVATE | MAP_ANONYMOUS)
+  kAnonymous,    // private anonymous (MAP_PRIVATE | MAP_ANONYMOUS); created ones are
+                 // MADV_NOHUGEPAGE, so their mapping level is 4K without a system call
   kThp,          // private anonymous with MADV_HUGEPAGE
   kHugetlb2M,    // MAP_HUGETLB | MAP_HUGE_2MB (needs a non-empty pool)
   kHugetlb1G,    // MAP_HUGETLB | MAP_HUGE_1GB

@@ -63,6 +63,9 @@ constexpr bool is_dirty_log_protected(uint64_t e) {
 std::string to_string(uint64_t e);
 }  // namespace spte
 
+// PTE_PREFETCH_NUM: the aligned group of 4K entries the PTE prefetch fills (MmuOptions).
+inline constexpr unsigned kPtePrefetchNum = 8;
+
 // Guest address width of the table: 4 levels of 512 entries, 48-bit gpa (x86 4-level EPT).
 inline constexpr unsigned kMmuLevels = 4;
 inline constexpr uint64_t kMmuMaxGfn = uint64_t{1} << 36;  // exclusive
@@ -122,6 +125,7 @@ struct MmuStats {
   uint64_t installs_2m = 0;
   uint64_t installs_1g = 0;
   uint64_t prefetches = 0;      // page-ready re-runs
+  uint64_t pte_prefetches = 0;  // 4K leaves installed by the PTE prefetch (not in installs)
   uint64_t zapped = 0;          // leaves zapped (any size)
   uint64_t write_protected = 0;  // leaves write-protected for dirty logging
   uint64_t splits = 0;          // huge leaves split into 4K leaves
@@ -139,6 +143,13 @@ struct MmuOptions {
   // Async page faults: the worker pool the vCPUs' queues use. Optional: without it NEEDS_IO
   // always goes the synchronous way. Must outlive the Mmu.
   AsyncPfWorkerPool* async_pf_pool = nullptr;
+  // PTE prefetch (KVM's direct_pte_prefetch): after a fault installs a 4K leaf, the not-present
+  // neighbours in its aligned group of kPtePrefetchNum entries are filled from pages the host
+  // already has (prefetch_pages: fast-only write lookups, never I/O, never sleeps), without the
+  // accessed and dirty bits. Skipped while an invalidation is in progress and for slots that
+  // log dirty pages or are read-only, as in KVM. Off by default: it maps pages before the guest
+  // touches them, which changes table contents and counters that callers may look at.
+  bool pte_prefetch = false;
   // Test hook: runs in page_fault after the pfn is resolved and before the MMU lock is taken
   // (the window in which an invalidation can race the fault). Never on hot paths in production.
   std::function<void(Gfn)> after_faultin_hook;
@@ -307,8 +318,12 @@ class Vcpu {
   // The inline table-hit path: true when the access was done through an existing entry with
   // the needed permission (and accessed/dirty bits already set); false means "nothing done,
   // use read_u64/write_u64" (which fault or exit). Never faults, never blocks, no exit.
-  bool try_read_u64(Gpa gpa, uint64_t* value) { return fast_u64<false>(gpa, value); }
-  bool try_write_u64(Gpa gpa, uint64_t value) { return fast_u64<true>(gpa, &value); }
+  [[gnu::always_inline]] bool try_read_u64(Gpa gpa, uint64_t* value) {
+    return fast_u64<false>(gpa, value);
+  }
+  [[gnu::always_inline]] bool try_write_u64(Gpa gpa, uint64_t value) {
+    return fast_u64<true>(gpa, &value);
+  }
 
   // Async PF: completed work -> re-run each fault as a prefetch, return "page ready" events
   // (kvm_check_async_pf_completion). Not-present events come as exits.
@@ -339,9 +354,13 @@ class Vcpu {
   VcpuExit access_range(Gpa gpa, uint64_t len, bool write, const std::byte* src, Fn&& fn);
   VcpuExit handle_miss(Gpa gpa, bool write, uint64_t spte, uint64_t len_left,
                        const std::byte* src, uint32_t* tries, bool* again);
-  // The table-hit path of read_u64/write_u64: true when the access was done.
+  // The table-hit path of read_u64/write_u64: true when the access was done. fast_u64 is the
+  // common case inline (cached level-2 table, 4K leaf with the needed bits); everything else
+  // (refilling the cache, huge and scattered leaves) is fast_u64_full, out of line.
   template <bool kWrite>
-  bool fast_u64(Gpa gpa, uint64_t* value);
+  [[gnu::always_inline]] inline bool fast_u64(Gpa gpa, uint64_t* value);
+  template <bool kWrite>
+  [[gnu::noinline]] bool fast_u64_full(Gpa gpa, uint64_t* value);
 
   Mmu& mmu_;
   uint32_t id_;
@@ -474,8 +493,53 @@ inline void full_fence() {
 
 }  // namespace detail
 
+// Always inlined and kept to the dependent loads of the common case: on random accesses the hit
+// path is bound by how many accesses the CPU keeps in flight, and every instruction, call and
+// branch of the rarer cases costs more there than in isolation. No gfn bound check: a gfn at or
+// above kMmuMaxGfn has a level-2 key no cache entry holds (l2_key_ is set only by
+// fast_u64_full for gfns below it, and starts at ~0).
 template <bool kWrite>
-inline bool Vcpu::fast_u64(Gpa gpa, uint64_t* value) {
+[[gnu::always_inline]] inline bool Vcpu::fast_u64(Gpa gpa, uint64_t* value) {
+  const uint64_t off = gpa.value & (kPageSize - 1);
+  const uint64_t gfn = gpa.value >> kPageShift;
+  if (off > kPageSize - sizeof(uint64_t) || ring_full_) return false;
+  if (kWrite && id_ == Mmu::kVmmVcpuId) return false;  // VMM writes are always logged
+  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                      spte::kDirty)
+                                   : (spte::kPresent | spte::kAccessed);
+  const uint64_t s = access_seq_.load(std::memory_order_relaxed);
+  access_seq_.store(s + 1, std::memory_order_relaxed);
+  if (detail::g_vcpu_needs_fence) {
+    detail::full_fence();
+  } else {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  }
+  bool hit = false;
+  const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
+  if (__builtin_expect((gfn >> 18) == l2_key_ && epoch == l2_epoch_, 1)) {
+    const uint64_t e2 = l2_node_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
+    if (__builtin_expect((e2 & spte::kTable) != 0, 1)) {
+      const uint64_t e1 =
+          detail::spt_child(e2)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
+      if (__builtin_expect((e1 & (need | spte::kTable | spte::kScattered)) == need, 1)) {
+        std::byte* p = detail::spt_decode_addr(e1) + off;
+        if constexpr (kWrite) {
+          std::memcpy(p, value, sizeof(uint64_t));
+        } else {
+          std::memcpy(value, p, sizeof(uint64_t));
+        }
+        hit = true;
+      }
+    }
+  }
+  access_seq_.store(s + 2, std::memory_order_release);
+  if (__builtin_expect(hit, 1)) return true;
+  return fast_u64_full<kWrite>(gpa, value);
+}
+
+// Every case of the hit path, and the refill of the level-2 table cache.
+template <bool kWrite>
+bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
   const uint64_t off = gpa.value & (kPageSize - 1);
   const uint64_t gfn = gpa.value >> kPageShift;
   if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || ring_full_) return false;

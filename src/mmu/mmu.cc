@@ -238,6 +238,51 @@ SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, bool writ
   return child;
 }
 
+void Mmu::Impl::pte_prefetch(Vcpu& vcpu, const MemslotSet& set, SptNode* node, unsigned idx,
+                             uint64_t gfn) {
+  assert_held();
+  const unsigned first = idx & ~(kPtePrefetchNum - 1);
+  const uint64_t gfn_first = gfn - (idx - first);
+  // One run [start, i) of empty entries at a time, as __direct_pte_prefetch collects them.
+  auto prefetch_run = [&](unsigned start, unsigned end) {
+    const Gfn g(gfn_first + (start - first));
+    // gfn_to_memslot_dirty_bitmap: no slot for a dirty-logging slot (a write access would be
+    // missed by the log); prefetch_pages gives -1 for a read-only slot (write hva lookup).
+    const Memslot* slot = set.vcpu_gfn_to_memslot(vcpu.memslot_cache(), g);
+    if (slot == nullptr || slot->invalid() || slot->logs_dirty()) return;
+    Page pages[kPtePrefetchNum];
+    const int got = prefetch_pages(self.mm_, slot, g, pages, static_cast<int>(end - start));
+    for (int k = 0; k < got; ++k) {
+      const unsigned i = start + static_cast<unsigned>(k);
+      const Hva hva = gfn_to_hva_many(slot, Gfn(g.value + static_cast<uint64_t>(k)), nullptr,
+                                      false);
+      std::byte* ptr = self.mm_.page_address(pages[k].pfn, hva);
+      if (ptr != nullptr && detail::spt_addr_encodable(reinterpret_cast<uint64_t>(ptr)) &&
+          node->e[i].load(std::memory_order_relaxed) == 0) {
+        // mmu_set_spte for a prefetch: host-writable (a write GUP succeeded), no accessed or
+        // dirty bit (the guest has not touched it).
+        uint64_t e = detail::spt_encode_addr(ptr) | spte::kPresent | spte::kExecutable |
+                     spte::kHostWritable | spte::kMmuWritable | spte::kWritable;
+        if (pages[k]) e |= spte::kRefcounted;
+        set_leaf_pfn(node, i, pages[k].pfn.value, &e);
+        node->e[i].store(e, std::memory_order_release);
+        inc(c.pte_prefetches);
+      }
+      release_page_clean(pages[k]);  // kvm_release_page_clean, under the lock
+    }
+  };
+  unsigned start = kPtePrefetchNum;  // none open
+  for (unsigned i = first; i < first + kPtePrefetchNum; ++i) {
+    if (i == idx || node->e[i].load(std::memory_order_relaxed) != 0) {
+      if (start != kPtePrefetchNum) prefetch_run(start, i);
+      start = kPtePrefetchNum;
+    } else if (start == kPtePrefetchNum) {
+      start = i;
+    }
+  }
+  if (start != kPtePrefetchNum) prefetch_run(start, first + kPtePrefetchNum);
+}
+
 // kvm_flush_remote_tlbs: make every vCPU drop translations read before now. The membarrier is
 // the IPI; then wait for each vCPU that is inside an access window to leave it. Frees what was
 // retired before the flush (no vCPU can still hold a pointer into it).
@@ -540,6 +585,10 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   if (level == 2) Impl::inc(im.c.installs_2m);
   if (level == 3) Impl::inc(im.c.installs_1g);
   if (ctx.zapped) Impl::inc(im.c.zapped, ctx.zapped);
+  // direct_pte_prefetch: 4K leaves only, never while addresses are being invalidated.
+  if (level == 1 && options_.pte_prefetch && im.in_progress == 0) {
+    im.pte_prefetch(vcpu, set, n, idx, gfn.value);
+  }
   im.flush(ctx.flush);
 
   // Release under the lock (spec 6): dirty when the host mapping was writable.
@@ -920,6 +969,7 @@ MmuStats Mmu::stats() const {
   s.installs_2m = g(c.installs_2m);
   s.installs_1g = g(c.installs_1g);
   s.prefetches = g(c.prefetches);
+  s.pte_prefetches = g(c.pte_prefetches);
   s.zapped = g(c.zapped);
   s.write_protected = g(c.write_protected);
   s.splits = g(c.splits);

@@ -61,7 +61,7 @@ struct Mmu::Impl {
   struct Counters {
     std::atomic<uint64_t> faults{0}, fast_faults{0}, nowait_hits{0}, slow_faults{0},
         async_queued{0}, async_halts{0}, retries{0}, exits{0}, installs{0}, installs_2m{0},
-        installs_1g{0}, prefetches{0}, zapped{0}, write_protected{0}, splits{0},
+        installs_1g{0}, prefetches{0}, pte_prefetches{0}, zapped{0}, write_protected{0}, splits{0},
         tlb_flushes{0}, invalidations{0};
   } c;
   static void inc(std::atomic<uint64_t>& v, uint64_t n = 1) {
@@ -89,6 +89,11 @@ struct Mmu::Impl {
   template <class Fn>  // fn(node, idx, e, level, leaf_gfn) for every leaf overlapping [start,end)
   void for_each_leaf(detail::SptNode* node, int level, uint64_t base, uint64_t start,
                      uint64_t end, Fn& fn);
+  // direct_pte_prefetch: fills the not-present entries of the aligned group of
+  // kPtePrefetchNum around node->e[idx] (a 4K leaf for gfn just installed) from pages the host
+  // already has. Lock held; the caller checked that no invalidation is in progress.
+  void pte_prefetch(Vcpu& vcpu, const MemslotSet& set, detail::SptNode* node, unsigned idx,
+                    uint64_t gfn);
   void flush(bool needed);
   void free_retired();
   bool retry_gfn(uint64_t mmu_seq, uint64_t gfn) const;

@@ -969,6 +969,9 @@ PgLevel LinuxHost::mapping_level_locked(const LinuxRegion& r, Hva hva) {
       r.kind != RegionKind::kMemfdShared) {
     return PgLevel::k4K;
   }
+  // An anonymous region LinuxHost created is MADV_NOHUGEPAGE (create_region): the kernel never
+  // maps it with a PMD, so the answer needs no PAGEMAP_SCAN (a system call on every 4K fault).
+  if (r.kind == RegionKind::kAnonymous && r.owned) return PgLevel::k4K;
   const Hva base(hva.value & ~(k2M - 1));
   if (base < r.start || base + k2M > r.end || pagemap_fd_ < 0) return PgLevel::k4K;
   if (has_pagemap_scan_) {

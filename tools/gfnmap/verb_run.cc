@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <barrier>
 #include <chrono>
@@ -570,12 +571,18 @@ nlohmann::json hex_json(const std::vector<uint64_t>& v) {
   return a;
 }
 
+// "io", "mmio", "dirty_ring_full": kvm::ExitKind names in lower case.
+std::string exit_name(size_t kind) {
+  std::string n(kvm::to_string(static_cast<kvm::ExitKind>(kind)));
+  for (char& c : n) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return n;
+}
+
 std::string exits_text(const kvm::RunStats& s) {
   std::string t;
   for (size_t k = 0; k < kvm::kExitKindCount; ++k) {
     if (!s.exits[k]) continue;
-    t += fmt::format("{}{} {}", t.empty() ? "" : ", ",
-                     kvm::to_string(static_cast<kvm::ExitKind>(k)), s.exits[k]);
+    t += fmt::format("{}{} {}", t.empty() ? "" : ", ", exit_name(k), s.exits[k]);
   }
   return t.empty() ? "none" : t;
 }
@@ -764,7 +771,7 @@ int run_workload(const RunOptions& o) {
                       {"pages", s.dirty_pages_harvested}};
         nlohmann::json ex = nlohmann::json::object();
         for (size_t i = 0; i < kvm::kExitKindCount; ++i) {
-          ex[std::string(kvm::to_string(static_cast<kvm::ExitKind>(i)))] = s.exits[i];
+          ex[exit_name(i)] = s.exits[i];
         }
         k["exits"] = ex;
         k["checksums"] = hex_json(s.checksums);
@@ -793,7 +800,7 @@ int run_workload(const RunOptions& o) {
   const bool kvm_ok = kv && kv->ok();
   auto row = [&](const char* label, const std::string& e, const std::string& k) {
     std::string line = fmt::format("  {:<23}", label);
-    if (eng) line += fmt::format(" {:<30}", e);
+    if (eng) line += fmt::format(" {:<32}", e);
     if (kv) line += " " + k;
     while (!line.empty() && line.back() == ' ') line.pop_back();
     std::printf("%s\n", line.c_str());

@@ -999,8 +999,9 @@ TEST(DirtyRingSemantics, RingFullExitsAtTheSameEntry) {
 
 // ---------------------------------------------------------------------------------------------
 // 4. mprotect(PROT_READ) of the backing (spec rows 13/15, 4 "kvm_handle_error_pfn"): a guest
-// write makes KVM_RUN fail with EFAULT (and KVM_EXIT_MEMORY_FAULT) and gfnmap's vCPU gets the
-// memory-fault exit for the same gpa; reads still work; PROT_READ|PROT_WRITE recovers.
+// write makes KVM_RUN fail with EFAULT (KVM_EXIT_MEMORY_FAULT only if the kernel fills it; this
+// one does not: docs/spec-notes.md G3) and gfnmap's vCPU gets the memory-fault exit for the
+// same gpa; reads still work; PROT_NONE fails reads too; PROT_READ|PROT_WRITE recovers.
 
 TEST_P(Semantics, MprotectReadOnlyBackingWriteFailsEfaultReadWorks) {
   SEMANTICS_SETUP(p, DirtyMode::kNone);

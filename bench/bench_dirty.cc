@@ -2,6 +2,7 @@
 // pages, sparse and dense bitmaps) against a memcpy+memset floor, and dirty-ring push/harvest/reset.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -84,13 +85,29 @@ struct Vm {
   }
 };
 
-// ns_per_page: timed wall time per guest page of the slot (manual timing: Google Benchmark's
-// rate counters divide by CPU time, which here includes the untimed set-up); dirty_per_iter: the
-// pages reported per call, to check the sparse / dense set-up.
-void set_page_counters(benchmark::State& state, uint64_t reported, double timed_seconds) {
-  const double iters = static_cast<double>(state.iterations());
-  state.counters["ns_per_page"] = 1e9 * timed_seconds / (iters * static_cast<double>(kPages));
-  state.counters["dirty_per_iter"] = static_cast<double>(reported) / iters;
+// The timed wall times of one repetition. On a loaded machine a preempted iteration inflates
+// the mean (the time Google Benchmark reports); the median of the iterations does not.
+struct Samples {
+  std::vector<double> seconds;
+  void add(benchmark::State& state, double dt) {
+    state.SetIterationTime(dt);
+    seconds.push_back(dt);
+  }
+  double median() {
+    if (seconds.empty()) return 0;
+    std::nth_element(seconds.begin(), seconds.begin() + seconds.size() / 2, seconds.end());
+    return seconds[seconds.size() / 2];
+  }
+};
+
+// us_median: the median timed iteration; ns_per_page: the same per guest page of the slot;
+// dirty_per_iter: the pages reported per call, to check the sparse / dense set-up.
+void set_page_counters(benchmark::State& state, uint64_t reported, Samples& timed) {
+  const double med = timed.median();
+  state.counters["us_median"] = 1e6 * med;
+  state.counters["ns_per_page"] = 1e9 * med / static_cast<double>(kPages);
+  state.counters["dirty_per_iter"] =
+      static_cast<double>(reported) / static_cast<double>(state.iterations());
 }
 
 // The floor: what any get+clear must at least do, copy the bitmap out and zero it.
@@ -98,7 +115,7 @@ void BM_Floor_MemcpyMemset(benchmark::State& state) {
   const bool dense = state.range(0) != 0;
   std::vector<uint64_t> bitmap(kWords), out(kWords);
   const std::vector<uint64_t> pages = dirty_pages(dense);
-  double timed = 0;
+  Samples timed;
   for (auto _ : state) {
     for (uint64_t p : pages) bitmap[p / 64] |= uint64_t{1} << (p % 64);
     benchmark::ClobberMemory();
@@ -107,9 +124,7 @@ void BM_Floor_MemcpyMemset(benchmark::State& state) {
     std::memset(bitmap.data(), 0, kWords * 8);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-    const double dt = seconds_since(t0);
-    state.SetIterationTime(dt);
-    timed += dt;
+    timed.add(state, seconds_since(t0));
   }
   set_page_counters(state, 0, timed);
 }
@@ -121,14 +136,12 @@ void BM_GetDirtyLog(benchmark::State& state) {
   std::vector<uint64_t> out(kWords);
   const std::vector<uint64_t> pages = dirty_pages(dense);
   uint64_t reported = 0;
-  double timed = 0;
+  Samples timed;
   for (auto _ : state) {
     vm.mark(pages);
     const auto t0 = Clock::now();
     auto r = vm.log.get_dirty_log(kSlot, out);
-    const double dt = seconds_since(t0);
-    state.SetIterationTime(dt);
-    timed += dt;
+    timed.add(state, seconds_since(t0));
     if (!r.ok()) state.SkipWithError("get_dirty_log failed");
     reported += r.ok() ? *r : 0;
     benchmark::DoNotOptimize(out.data());
@@ -144,15 +157,13 @@ void BM_GetThenClearDirtyLog(benchmark::State& state) {
   std::vector<uint64_t> out(kWords);
   const std::vector<uint64_t> pages = dirty_pages(dense);
   uint64_t reported = 0;
-  double timed = 0;
+  Samples timed;
   for (auto _ : state) {
     vm.mark(pages);
     const auto t0 = Clock::now();
     auto g = vm.log.get_dirty_log(kSlot, out);
     auto c = vm.log.clear_dirty_log(kSlot, 0, static_cast<uint32_t>(kPages), out);
-    const double dt = seconds_since(t0);
-    state.SetIterationTime(dt);
-    timed += dt;
+    timed.add(state, seconds_since(t0));
     if (!g.ok() || !c.ok()) state.SkipWithError("get/clear failed");
     reported += c.ok() ? *c : 0;
     benchmark::DoNotOptimize(out.data());

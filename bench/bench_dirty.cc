@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "gfnmap/dirty.h"
@@ -113,7 +114,12 @@ void set_page_counters(benchmark::State& state, uint64_t reported, Samples& time
 // The floor: what any get+clear must at least do, copy the bitmap out and zero it.
 void BM_Floor_MemcpyMemset(benchmark::State& state) {
   const bool dense = state.range(0) != 0;
-  std::vector<uint64_t> bitmap(kWords), out(kWords);
+  // Source and destination 2 KiB apart modulo 4 KiB: when they are a multiple of 4 KiB (plus a
+  // few bytes) apart, as two back-to-back allocations are, every load 4K-aliases a recent
+  // store and the copy runs ~10x slower (measured here: 1.6 us vs 15-20 us).
+  std::vector<uint64_t> storage(2 * kWords + 512);
+  std::span<uint64_t> bitmap(storage.data(), kWords);
+  std::span<uint64_t> out(storage.data() + kWords + 256, kWords);
   const std::vector<uint64_t> pages = dirty_pages(dense);
   Samples timed;
   for (auto _ : state) {

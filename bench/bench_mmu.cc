@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <random>
+#include <span>
 #include <vector>
 
 #include "gfnmap/dirty.h"
@@ -366,7 +367,11 @@ BENCHMARK(BM_DirtyLogGetClear1G)->UseManualTime()->Iterations(3)->Unit(benchmark
 // The floor of a get+clear: copy the 32 KiB bitmap of 1 GiB out and zero it.
 void BM_DirtyLogGetClear1G_MemcpyMemsetFloor(benchmark::State& state) {
   const size_t words = dirty_bitmap_words(kGiB / kPageSize);
-  std::vector<uint64_t> bitmap(words), out(words);
+  // 2 KiB apart modulo 4 KiB: no 4K aliasing between the copy's loads and stores (see
+  // bench_dirty's floor), so this is the best case of the copy.
+  std::vector<uint64_t> storage(2 * words + 512);
+  std::span<uint64_t> bitmap(storage.data(), words);
+  std::span<uint64_t> out(storage.data() + words + 256, words);
   std::vector<double> times;
   for (auto _ : state) {
     std::fill(bitmap.begin(), bitmap.end(), ~uint64_t{0});

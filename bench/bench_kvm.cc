@@ -300,7 +300,13 @@ BENCHMARK(BM_LazyRestore_KvmGuest_PageServer)->UseManualTime()->Iterations(1)->U
 void print_ratios() {
   auto& s = samples();
   auto m = [&](const char* k) { return median(s[k]); };
-  std::printf("\nMedians over repetitions (this run):\n");
+  std::printf("\nEvery repetition:\n");
+  for (const auto& [name, values] : s) {
+    std::printf("  %-20s", name.c_str());
+    for (double v : values) std::printf(" %.1f", v);
+    std::printf("\n");
+  }
+  std::printf("Medians over repetitions (this run):\n");
   if (!s["kvm_first_ns"].empty() && !s["mmu_first_ns"].empty()) {
     std::printf("  first touch  %.0f MiB: kvm guest %.0f ns/page, gfnmap MMU %.0f ns/page, "
                 "kvm/gfnmap %.2fx\n",

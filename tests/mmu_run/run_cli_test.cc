@@ -168,6 +168,36 @@ TEST_F(RunCli, BadUsage_ExitsTwoWithAMessage) {
       << r.err;
 }
 
+// Without /dev/kvm (hidden in a private mount namespace), --backend kvm is a usage error that
+// says why, and the default backend falls back to engine and says why.
+TEST_F(RunCli, NoDevKvm_BackendKvmIsAUsageErrorAndDefaultFallsBack) {
+#ifdef GFNMAP_CLI_PATH
+  const std::string hide = "unshare -m sh -c 'mount -t tmpfs none /dev 2>/dev/null || exit 99; ";
+  auto in_ns = [&](const std::string& args, std::string* err) {
+    const fs::path out = tmp_ / "ns_out";
+    const fs::path errp = tmp_ / "ns_err";
+    std::string cmd = hide + "exec " + GFNMAP_CLI_PATH + " run " + args + "' >" +
+                      out.string() + " 2>" + errp.string();
+    const int raw = std::system(cmd.c_str());
+    *err = slurp(errp);
+    return std::make_pair(WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, slurp(out));
+  };
+  std::string err;
+  auto [status, out] = in_ns("--memory 4M --backend kvm", &err);
+  if (status == 99 || status == 127 || status == 1) {
+    GTEST_SKIP() << "cannot hide /dev in a mount namespace here: " << err;
+  }
+  EXPECT_EQ(status, 2) << out << err;
+  EXPECT_NE(err.find("--backend kvm: /dev/kvm unavailable"), std::string::npos) << err;
+  auto [status2, out2] = in_ns("--memory 4M --json", &err);
+  ASSERT_EQ(status2, 0) << err;
+  auto j = nlohmann::json::parse(out2, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << out2;
+  EXPECT_EQ(j["config"]["backend"], "engine");
+  EXPECT_NE(j["kvm_skipped"].get<std::string>().find("/dev/kvm unavailable"), std::string::npos);
+#endif
+}
+
 // Issue 4's real backings other than anon, as a program.
 TEST_F(RunCli, Thp_2MLeavesWhereTheKernelGivesHugePages) {
   nlohmann::json j = run_json("--memory 8M --backing thp --backend engine --vcpus 1");

@@ -27,5 +27,21 @@ TEST(MmuTsan, Invariant16_17_18_23_FaultsRaceInvalidationsMovesDeletesHarvests) 
               static_cast<unsigned long long>(r.harvests));
 }
 
+// The same race with the PTE prefetch on: leaves installed for neighbours (slot 3 does not log
+// dirty pages, so its faults prefetch) must be zapped by invalidations like any other, and no
+// write through one may be lost.
+TEST(MmuTsan, Invariant16_17_18_23_PtePrefetchRacesInvalidationsMovesDeletes) {
+  StressParams p;
+  p.duration_ms = 1000;
+  p.nr_vcpus = 2;
+  p.pages_per_slot = 64;
+  p.pte_prefetch = true;
+  StressScenario scenario(p);
+  StressResult r = scenario.run();
+  EXPECT_GT(r.writes, 0u);
+  EXPECT_GT(r.invalidations, 0u);
+  EXPECT_GT(r.pte_prefetches, 0u) << "the scenario never exercised the prefetch";
+}
+
 }  // namespace
 }  // namespace gfnmap::test

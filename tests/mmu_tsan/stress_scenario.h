@@ -25,6 +25,7 @@ struct StressParams {
   unsigned duration_ms = 1500;
   unsigned nr_vcpus = 2;
   uint64_t pages_per_slot = 64;
+  bool pte_prefetch = false;  // MmuOptions::pte_prefetch (maps present neighbours on faults)
 };
 
 struct StressResult {
@@ -34,6 +35,7 @@ struct StressResult {
   uint64_t moves = 0;
   uint64_t deletes = 0;
   uint64_t harvests = 0;
+  uint64_t pte_prefetches = 0;  // leaves the PTE prefetch installed
 };
 
 // Slots 0..2 log dirty pages and move between two gpa homes of their own; slot 3 does not log
@@ -60,6 +62,7 @@ class StressScenario {
     dirty_ = std::make_unique<DirtyLog>(slots_);
     MmuOptions o;
     o.dirty = dirty_.get();
+    o.pte_prefetch = p_.pte_prefetch;
     mmu_ = std::make_unique<Mmu>(slots_, host_, o);
     checker_.owner = this;
     host_.register_notifier(&checker_);
@@ -172,6 +175,7 @@ class StressScenario {
     MmuStats st = mmu_->stats();
     EXPECT_EQ(st.faults, st.installs + st.retries + st.exits + st.async_queued + st.async_halts)
         << "counters do not balance";
+    res.pte_prefetches = st.pte_prefetches;
     EXPECT_EQ(mmu_->invalidate_in_progress(), 0);
     EXPECT_EQ(slots_.mn_active_invalidate_count(), 0);
     host_.unregister_notifier(&checker_);

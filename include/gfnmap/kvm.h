@@ -361,7 +361,8 @@ struct RunConfig {
 
 struct RunStats {
   uint64_t pages = 0;                   // pages in all slices
-  uint64_t pages_faulted = 0;           // pages touched in pass 0 (= pages)
+  uint64_t pages_faulted = 0;           // distinct pages touched in pass 0 (pages, or one
+                                        // slice with overlap)
   double first_touch_ns_per_page = 0;   // pass 0 wall time / pages per vCPU, mean over vCPUs
   double retouch_ns_per_page = 0;       // later passes, mean
   double accesses_per_sec_after = 0;    // all vCPUs, passes after the first

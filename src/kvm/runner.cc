@@ -240,7 +240,7 @@ Result<RunStats> run_guest_workload(const RunConfig& cfg) {
     if (t.pass_ns.size() > 1) re += static_cast<double>(later) / (npages * (t.pass_ns.size() - 1));
   }
   st.pages = npages * cfg.vcpus;
-  st.pages_faulted = st.pages;
+  st.pages_faulted = cfg.overlap ? npages : st.pages;  // distinct pages first touched
   st.first_touch_ns_per_page = first / cfg.vcpus;
   st.retouch_ns_per_page = re / cfg.vcpus;
   if (cfg.passes > 1 && st.after_seconds > 0) {

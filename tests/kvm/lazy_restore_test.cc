@@ -151,6 +151,8 @@ TEST(KvmRunner, OverlapSharesOneSlice) {
   auto st = run_guest_workload(c);
   ASSERT_TRUE(st.ok()) << error_to_string(st.error());
   EXPECT_EQ(st->pages, 2048u);  // 1024 pages visited by each of 2 vCPUs
+  EXPECT_EQ(st->pages_faulted, 1024u);  // distinct pages
+  EXPECT_EQ(st->checksums[0], st->checksums[1]);  // zero memory read by both: 0 and 0
 }
 
 }  // namespace

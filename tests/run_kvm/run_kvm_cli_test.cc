@@ -2,6 +2,7 @@
 // same accesses on the same layout and backing kind; both read what the prediction says.
 #include <gtest/gtest.h>
 
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -77,6 +78,23 @@ TEST_F(RunKvmCli, Backings_MemfdThpFileRunInBoth) {
     ASSERT_TRUE(j.is_object());
     expect_same_workload(j);
   }
+}
+
+TEST_F(RunKvmCli, File_UserFileWithDataEachBackendReadsItsOwnCopy) {
+  // The engine writes to the user's file; the real guest must start from the file as it was.
+  const fs::path file = tmp_ / "guest.img";
+  {
+    std::ofstream out(file, std::ios::binary);
+    for (uint64_t i = 0; i < (4u << 20) / 8; ++i) {
+      const uint64_t v = 0x1234567800000000ull | i;
+      out.write(reinterpret_cast<const char*>(&v), sizeof v);
+    }
+  }
+  nlohmann::json j = run_both("--memory 4M --backing file --write-percent 50 --pattern random "
+                              "--file " + file.string());
+  ASSERT_TRUE(j.is_object());
+  expect_same_workload(j);
+  EXPECT_NE(j["checksum"]["expected"][0], "0x0");
 }
 
 TEST_F(RunKvmCli, Uffd_LazyRestoreOfARealGuestReadsTheSnapshot) {

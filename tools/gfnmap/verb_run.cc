@@ -155,14 +155,37 @@ int generate_snapshot(uint64_t bytes) {
   return fd;
 }
 
+// What the runs start from: the uffd snapshot, and the real guest's copy of a user's --file
+// (taken before the engine runs, since the engine writes to the file).
 struct Snapshot {
   int fd = -1;
   bool generated = false;
   std::string path;
+  int file_copy = -1;
   ~Snapshot() {
     if (fd >= 0) close(fd);
+    if (file_copy >= 0) close(file_copy);
   }
 };
+
+// A copy of the user's --file (its first `bytes`, zero beyond its end) in an unlinked temp
+// file next to it.
+int copy_user_file(const std::string& file, uint64_t bytes) {
+  std::string dir = std::filesystem::path(file).parent_path().string();
+  int fd = temp_file(dir.empty() ? "." : dir, bytes, "--file " + file);
+  int in = open(file.c_str(), O_RDONLY);
+  if (in < 0) {
+    close(fd);
+    bad(fmt::format("--file {}: cannot open", file));
+  }
+  loff_t off_in = 0, off_out = 0;
+  while (off_in < static_cast<loff_t>(bytes)) {
+    ssize_t n = copy_file_range(in, &off_in, fd, &off_out, bytes - static_cast<uint64_t>(off_in), 0);
+    if (n <= 0) break;  // end of the user's file: the rest stays zero
+  }
+  close(in);
+  return fd;
+}
 
 struct HostSetup {
   // Destroyed bottom-up: the page server before its source and the LinuxHost.
@@ -234,17 +257,9 @@ void setup_host(const RunOptions& o, uint64_t bytes, const Snapshot& snap, bool 
     if (o.file.empty()) {
       h->fd = temp_file("/tmp", bytes, "--backing file");
     } else if (copy) {
-      // The guest's own copy of the user's file, next to it.
-      std::string dir = std::filesystem::path(o.file).parent_path().string();
-      h->fd = temp_file(dir.empty() ? "." : dir, bytes, "--file " + o.file);
-      int in = open(o.file.c_str(), O_RDONLY);
-      if (in < 0) bad(fmt::format("--file {}: cannot open", o.file));
-      loff_t off_in = 0, off_out = 0;
-      while (off_in < static_cast<loff_t>(bytes)) {
-        ssize_t n = copy_file_range(in, &off_in, h->fd, &off_out, bytes - off_in, 0);
-        if (n <= 0) break;  // end of the user's file: the rest stays zero
-      }
-      close(in);
+      // The guest's own copy of the user's file, taken before the engine ran.
+      h->fd = snap.file_copy >= 0 ? dup(snap.file_copy) : copy_user_file(o.file, bytes);
+      if (h->fd < 0) bad("--file " + o.file + ": cannot duplicate the copy's fd");
     } else {
       h->fd = open(o.file.c_str(), O_RDWR | O_CREAT, 0600);
       if (h->fd < 0) bad(fmt::format("--file {}: cannot open", o.file));
@@ -673,6 +688,9 @@ int run_workload(const RunOptions& o) {
       if (snap.fd < 0) bad(fmt::format("--snapshot {}: cannot open", o.snapshot));
       snap.path = o.snapshot;
     }
+  }
+  if (use_kvm && use_engine && o.backing == "file" && !o.file.empty()) {
+    snap.file_copy = copy_user_file(o.file, w.bytes);
   }
   std::vector<uint64_t> expected;
   if (w.predictable()) {

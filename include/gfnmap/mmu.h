@@ -80,7 +80,7 @@ std::string_view to_string(Access access);
 enum class ExitReason : uint8_t {
   kNone,
   kMmio,               // KVM_EXIT_MMIO: no memslot, or a write to a READONLY slot / RO PFNMAP
-  kMemoryFault,        // KVM_RUN -EFAULT + KVM_EXIT_MEMORY_FAULT: the hva could not be resolved
+  kMemoryFault,        // like KVM_RUN failing with EFAULT: the hva could not be resolved
   kHwpoison,           // SIGBUS BUS_MCEERR_AR: the backing page is poisoned (hva reported)
   kIntr,               // KVM_EXIT_INTR / -EINTR: a signal interrupted the fault-in
   kDirtyRingFull,      // KVM_EXIT_DIRTY_RING_FULL: harvest and reset before running again

@@ -533,10 +533,11 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   uint64_t e = detail::spt_encode_addr(reinterpret_cast<void*>(addr)) | spte::kPresent |
                spte::kExecutable;
   if (host_writable) {
-    e |= spte::kHostWritable | spte::kMmuWritable;
-    // A read fault maps writable too unless the slot logs dirty pages (then the first write
-    // takes the fast path and is logged). Never writable when the host mapping was not.
-    if (write || !slot->logs_dirty()) e |= spte::kWritable;
+    // A read fault maps writable too whenever the host mapping is (the map_writable upgrade),
+    // also on a logging slot, where the writable leaf is then logged below as make_spte does:
+    // the kernel reports such read faults dirty (docs/spec-notes.md, G1). Never writable when
+    // the host mapping was not.
+    e |= spte::kHostWritable | spte::kMmuWritable | spte::kWritable;
   }
   if (!prefetch) e |= spte::kAccessed;
   if (write && (e & spte::kWritable)) e |= spte::kDirty;

@@ -361,6 +361,13 @@ class Vcpu {
   [[gnu::always_inline]] inline bool fast_u64(Gpa gpa, uint64_t* value);
   template <bool kWrite>
   [[gnu::noinline]] bool fast_u64_full(Gpa gpa, uint64_t* value);
+  // The access window ("in guest mode"): access_seq_ is odd from before a table entry is read
+  // until the last use of the pointer it gave. Entering is ordered before the entry's load by a
+  // full fence, or, when flushes use membarrier as their IPI, by a compiler barrier alone.
+  [[gnu::always_inline]] inline uint64_t enter_access_window();
+  [[gnu::always_inline]] inline void leave_access_window(uint64_t s) {
+    access_seq_.store(s + 2, std::memory_order_release);
+  }
 
   Mmu& mmu_;
   uint32_t id_;
@@ -493,6 +500,17 @@ inline void full_fence() {
 
 }  // namespace detail
 
+inline uint64_t Vcpu::enter_access_window() {
+  const uint64_t s = access_seq_.load(std::memory_order_relaxed);
+  access_seq_.store(s + 1, std::memory_order_relaxed);
+  if (detail::g_vcpu_needs_fence) {
+    detail::full_fence();
+  } else {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  }
+  return s;
+}
+
 // Always inlined and kept to the dependent loads of the common case: on random accesses the hit
 // path is bound by how many accesses the CPU keeps in flight, and every instruction, call and
 // branch of the rarer cases costs more there than in isolation. No gfn bound check: a gfn at or
@@ -507,13 +525,7 @@ template <bool kWrite>
   constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
                                       spte::kDirty)
                                    : (spte::kPresent | spte::kAccessed);
-  const uint64_t s = access_seq_.load(std::memory_order_relaxed);
-  access_seq_.store(s + 1, std::memory_order_relaxed);
-  if (detail::g_vcpu_needs_fence) {
-    detail::full_fence();
-  } else {
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-  }
+  const uint64_t s = enter_access_window();
   bool hit = false;
   const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
   if (__builtin_expect((gfn >> 18) == l2_key_ && epoch == l2_epoch_, 1)) {
@@ -532,7 +544,7 @@ template <bool kWrite>
       }
     }
   }
-  access_seq_.store(s + 2, std::memory_order_release);
+  leave_access_window(s);
   if (__builtin_expect(hit, 1)) return true;
   return fast_u64_full<kWrite>(gpa, value);
 }
@@ -547,13 +559,7 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
   constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
                                       spte::kDirty)
                                    : (spte::kPresent | spte::kAccessed);
-  const uint64_t s = access_seq_.load(std::memory_order_relaxed);
-  access_seq_.store(s + 1, std::memory_order_relaxed);
-  if (detail::g_vcpu_needs_fence) {
-    detail::full_fence();
-  } else {
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-  }
+  const uint64_t s = enter_access_window();
   // The level-2 table from the paging-structure cache, else from a walk of the top levels.
   detail::SptNode* l2 = nullptr;
   const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
@@ -590,7 +596,7 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
       std::memcpy(value, p, sizeof(uint64_t));
     }
   }
-  access_seq_.store(s + 2, std::memory_order_release);
+  leave_access_window(s);
   return hit;
 }
 

@@ -112,14 +112,7 @@ template <class Fn>
     bool hit = false;
     bool fixed_fast = false;
     if (gfn < kMmuMaxGfn) {
-      // Access window: between reading the entry and the last use of its pointer.
-      const uint64_t s = access_seq_.load(std::memory_order_relaxed);
-      access_seq_.store(s + 1, std::memory_order_relaxed);
-      if (detail::g_vcpu_needs_fence) {
-        detail::full_fence();
-      } else {
-        std::atomic_signal_fence(std::memory_order_seq_cst);
-      }
+      const uint64_t s = enter_access_window();
       detail::SptWalk w = spt_walk(root_, gfn);
       e = w.e;
       if ((e & need) == need && !(e & spte::kTable)) {
@@ -131,7 +124,7 @@ template <class Fn>
         fixed_fast = w.node->e[w.idx].compare_exchange_strong(
             e, e | spte::kWritable | spte::kAccessed | spte::kDirty, std::memory_order_relaxed);
       }
-      access_seq_.store(s + 2, std::memory_order_release);
+      leave_access_window(s);
     }
     if (hit) {
       done += n;

@@ -5,6 +5,8 @@
 
 #include <cerrno>
 #include <map>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -190,17 +192,32 @@ std::string describe(const GenOp& g) {
   return b;
 }
 
-class MemslotConformance : public ::testing::TestWithParam<uint64_t> {};
+// A fresh real VM and a Memslots configured like its kernel (the arch's last gfn probed).
+class KernelAndModel : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    GFNMAP_REQUIRE_KVM();
+    auto p = KernelMemslotPeer::create();
+    ASSERT_TRUE(p.ok()) << error_to_string(p.error());
+    peer_ = std::move(*p);
+    config_ = peer_->memslots_config();
+    ASSERT_NE(config_.max_gfn, ~uint64_t{0}) << "max gfn probe failed";
+    slots_.emplace(config_);
+  }
+  std::unique_ptr<KernelMemslotPeer> peer_;
+  MemslotsConfig config_;
+  std::optional<Memslots> slots_;
+};
+
+class MemslotConformance : public KernelAndModel,
+                           public ::testing::WithParamInterface<uint64_t> {};
+using MemslotConformanceFixed = KernelAndModel;
 
 TEST_P(MemslotConformance, Invariant21_RandomTraceSameErrnoAsKernel) {
-  GFNMAP_REQUIRE_KVM();
-  auto peer = KernelMemslotPeer::create();
-  ASSERT_TRUE(peer.ok()) << error_to_string(peer.error());
-  MemslotsConfig config = (*peer)->memslots_config();
+  const MemslotsConfig& config = config_;
+  Memslots& slots = *slots_;
   EXPECT_EQ(config.nr_address_spaces, 1u);
   EXPECT_EQ(config.nr_user_slots, 32764u);
-  ASSERT_NE(config.max_gfn, ~uint64_t{0}) << "max gfn probe failed";
-  Memslots slots(config);
 
   void* res = ::mmap(nullptr, kHvaSpan, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                      -1, 0);
@@ -213,7 +230,7 @@ TEST_P(MemslotConformance, Invariant21_RandomTraceSameErrnoAsKernel) {
     GenOp g = gen.next(shadow);
     ASSERT_TRUE(kernel_safe(g.op.region)) << describe(g);
     auto mine = slots.set_memory_region(g.op.region, g.op.ioctl);
-    int kernel = (*peer)->apply(g.op.region, g.op.ioctl);
+    int kernel = peer_->apply(g.op.region, g.op.ioctl);
     int gfn_err = mine.ok() ? 0 : mine.error().code;
     if (gfn_err != kernel) {
       ++mismatches;
@@ -241,13 +258,9 @@ TEST_P(MemslotConformance, Invariant21_RandomTraceSameErrnoAsKernel) {
 INSTANTIATE_TEST_SUITE_P(Seeds, MemslotConformance, ::testing::Range<uint64_t>(1, 9));
 
 // Fixed cases for every row of spec 7.4 that the random traces reach only rarely.
-TEST(MemslotConformanceFixed, Invariant21_EveryCheckOfSpec74) {
-  GFNMAP_REQUIRE_KVM();
-  auto peer = KernelMemslotPeer::create();
-  ASSERT_TRUE(peer.ok()) << error_to_string(peer.error());
-  const MemslotsConfig config = (*peer)->memslots_config();
-  ASSERT_NE(config.max_gfn, ~uint64_t{0}) << "max gfn probe failed";
-  Memslots slots(config);
+TEST_F(MemslotConformanceFixed, Invariant21_EveryCheckOfSpec74) {
+  const MemslotsConfig& config = config_;
+  Memslots& slots = *slots_;
   const uint64_t h = uint64_t{1} << 30;  // access_ok() only checks the range
   struct Case {
     const char* what;
@@ -298,24 +311,18 @@ TEST(MemslotConformanceFixed, Invariant21_EveryCheckOfSpec74) {
   for (const Case& c : cases) {
     ASSERT_TRUE(kernel_safe(c.r)) << c.what;
     auto mine = slots.set_memory_region(c.r, c.io);
-    int kernel = (*peer)->apply(c.r, c.io);
+    int kernel = peer_->apply(c.r, c.io);
     EXPECT_EQ(kernel, c.expect) << c.what << ": kernel " << errno_name(kernel);
     EXPECT_EQ(mine.ok() ? 0 : mine.error().code, kernel)
         << c.what << ": gfnmap " << (mine.ok() ? "OK" : error_to_string(mine.error()));
   }
 }
 
-// Documented disagreements (docs/spec-notes.md): the kernel is right, gfnmap does not model
-// these yet. The test pins the kernel's behaviour so that a kernel change is noticed.
 // x86's arch check (kvm_mmu_max_gfn) is no capability: the binding probes it and gfnmap applies
 // it to CREATE and MOVE after the overlap check. With the shadow MMU it is 2^52 - 1 page.
-TEST(MemslotConformanceFixed, Invariant21_ArchMaxGfnOnCreateAndMove) {
-  GFNMAP_REQUIRE_KVM();
-  auto peer = KernelMemslotPeer::create();
-  ASSERT_TRUE(peer.ok()) << error_to_string(peer.error());
-  const MemslotsConfig config = (*peer)->memslots_config();
-  ASSERT_NE(config.max_gfn, ~uint64_t{0}) << "max gfn probe failed";
-  Memslots slots(config);
+TEST_F(MemslotConformanceFixed, Invariant21_ArchMaxGfnOnCreateAndMove) {
+  const MemslotsConfig& config = config_;
+  Memslots& slots = *slots_;
   const uint64_t h = uint64_t{1} << 30;
   const uint64_t top = (config.max_gfn + 1) << kPageShift;  // first gpa past the limit
   const UserspaceMemoryRegion ops[] = {
@@ -329,7 +336,7 @@ TEST(MemslotConformanceFixed, Invariant21_ArchMaxGfnOnCreateAndMove) {
   const int expect[] = {0, EINVAL, EINVAL, 0, EINVAL, EEXIST};
   for (size_t i = 0; i < std::size(ops); ++i) {
     auto mine = slots.set_memory_region(ops[i]);
-    int kernel = (*peer)->apply(ops[i]);
+    int kernel = peer_->apply(ops[i]);
     EXPECT_EQ(kernel, expect[i]) << "op " << i << ": kernel " << errno_name(kernel);
     EXPECT_EQ(mine.ok() ? 0 : mine.error().code, kernel)
         << "op " << i << ": gfnmap " << (mine.ok() ? "OK" : error_to_string(mine.error()));
@@ -338,8 +345,7 @@ TEST(MemslotConformanceFixed, Invariant21_ArchMaxGfnOnCreateAndMove) {
 
 // Spec 7.4 allows GUEST_MEMFD only on VMs with private memory; this kernel also accepts it on
 // a default VM (KVM_CAP_GUEST_MEMFD on the VM fd), checks overlaps first, then binds the file.
-TEST(MemslotConformanceFixed, Invariant21_GuestMemfdFlagOnDefaultVmFollowsTheKernel) {
-  GFNMAP_REQUIRE_KVM();
+TEST_F(MemslotConformanceFixed, Invariant21_GuestMemfdFlagOnDefaultVmFollowsTheKernel) {
   auto sys = System::open();
   ASSERT_TRUE(sys.ok());
   auto vm = Vm::create(*sys);

@@ -228,6 +228,12 @@ TEST_F(Cli, ReplayKvm_RefusesHugeValidSlotsAndConflictingOptions) {
                            write_file("mid.trace", "slot=1 size=2M hva=1G\n"));
   EXPECT_EQ(limit.status, 2);
   EXPECT_NE(limit.err.find("--kvm-max-slot 1M"), std::string::npos) << limit.err;
+  std::string many;
+  for (int i = 0; i < 65; ++i) many += "slot=1 size=1M hva=1G\nslot=1 size=0\n";
+  CliResult sum = gfnmap("replay --kvm --kvm-max-slot 1M " + write_file("sum.trace", many));
+  EXPECT_EQ(sum.status, 2);
+  EXPECT_NE(sum.err.find("sum.trace:129: the slot sizes up to here add up to more than 64 x "
+                         "--kvm-max-slot 1M"), std::string::npos) << sum.err;
   EXPECT_EQ(gfnmap("replay --kvm --kvm-max-slot 1q scenarios/traces/lifecycle.trace").status, 2);
   EXPECT_EQ(gfnmap("replay --kvm --slots 4 scenarios/traces/lifecycle.trace").status, 2);
   EXPECT_EQ(gfnmap("replay --kvm-max-slot 1G scenarios/traces/lifecycle.trace").status, 2);

@@ -37,12 +37,22 @@ struct ReplayOptions {
   std::string kvm_max_slot_text = "1G";
 };
 
-// With --kvm: the first operation that would make the kernel accept a slot larger than the
-// limit (the kernel rejects > KVM_MEM_MAX_NR_PAGES by itself, so those are harmless).
-const TraceOp* too_large_for_kernel(const std::vector<TraceOp>& ops, uint64_t limit) {
+// With --kvm the kernel allocates metadata for every page of every valid slot. A trace is
+// refused when one operation could make it accept a slot larger than `limit`, or when all the
+// sizes it could accept add up to more than kKvmTotalSlots limits (sizes above
+// KVM_MEM_MAX_NR_PAGES pages are rejected by the kernel itself, so they never count).
+constexpr uint64_t kKvmTotalSlots = 64;
+const TraceOp* too_large_for_kernel(const std::vector<TraceOp>& ops, uint64_t limit,
+                                    bool* total) {
+  uint64_t sum = 0;
   for (const TraceOp& op : ops) {
     const uint64_t size = op.region.memory_size;
-    if (size > limit && (size >> kPageShift) <= kMemMaxNrPages) return &op;
+    if ((size >> kPageShift) > kMemMaxNrPages) continue;
+    *total = false;
+    if (size > limit) return &op;
+    sum += size;
+    *total = true;
+    if (sum / kKvmTotalSlots > limit) return &op;
   }
   return nullptr;
 }
@@ -65,13 +75,16 @@ int run_replay(const ReplayOptions& opt) {
   if (!opt.kvm) {
     report = run_memslot_trace(ops, config, opt.trace);
   } else {
-    if (const TraceOp* big = too_large_for_kernel(ops, kvm_max_slot)) {
+    bool total = false;
+    if (const TraceOp* big = too_large_for_kernel(ops, kvm_max_slot, &total)) {
       std::fprintf(stderr,
-                   "gfnmap replay: %s:%zu: a slot of %s bytes is larger than --kvm-max-slot %s: "
-                   "the kernel would allocate shadow-MMU metadata for every page of it; raise "
-                   "--kvm-max-slot if that is intended\n",
+                   "gfnmap replay: %s:%zu: %s %s: the kernel would allocate shadow-MMU "
+                   "metadata for every page of it; raise --kvm-max-slot if that is intended\n",
                    opt.trace.c_str(), big->line,
-                   fmt::format("{:#x}", big->region.memory_size).c_str(),
+                   total ? fmt::format("the slot sizes up to here add up to more than {} x "
+                                       "--kvm-max-slot", kKvmTotalSlots).c_str()
+                         : fmt::format("a slot of {:#x} bytes is larger than --kvm-max-slot",
+                                       big->region.memory_size).c_str(),
                    opt.kvm_max_slot_text.c_str());
       return 2;
     }

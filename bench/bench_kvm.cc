@@ -31,6 +31,7 @@
 #include "gfnmap/memslot.h"
 #include "gfnmap/mmu.h"
 #include "gfnmap/uffd.h"
+#include "minimal_uffd_handler.h"
 
 namespace gfnmap {
 namespace {
@@ -217,30 +218,11 @@ void BM_LazyRestore_KvmGuest_MinimalHandler(benchmark::State& state) {
       state.SkipWithError("UFFDIO_REGISTER");
       return;
     }
-    int stop = eventfd(0, EFD_CLOEXEC);
-    uint64_t served = 0;
-    std::thread handler([&] {
-      alignas(4096) static char page[4096];
-      for (;;) {
-        pollfd fds[2] = {{uffd, POLLIN, 0}, {stop, POLLIN, 0}};
-        poll(fds, 2, -1);
-        if (fds[1].revents) return;
-        uffd_msg msg;
-        if (read(uffd, &msg, sizeof msg) != sizeof msg) continue;
-        if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-        uint64_t addr = msg.arg.pagefault.address & ~(kPageSize - 1);
-        uint64_t off = addr - reinterpret_cast<uint64_t>(p);
-        if (pread(snap, page, kPageSize, static_cast<off_t>(off)) != 4096) continue;
-        uffdio_copy c{addr, reinterpret_cast<uint64_t>(page), kPageSize, 0, 0};
-        if (ioctl(uffd, UFFDIO_COPY, &c) == 0) ++served;
-      }
-    });
+    bench::MinimalUffdHandler handler(uffd, p, snap);
     auto pps = guest_reads(p, size);
-    uint64_t one = 1;
-    if (write(stop, &one, sizeof one) < 0) state.SkipWithError("eventfd");
-    handler.join();
+    handler.stop();
+    const uint64_t served = handler.served();
     close(uffd);
-    close(stop);
     munmap(p, size);
     if (!pps) {
       state.SkipWithError(error_to_string(pps.error()).c_str());

@@ -294,21 +294,25 @@ void BM_Invalidate1G(benchmark::State& state) {
 }
 BENCHMARK(BM_Invalidate1G)->Iterations(3)->Unit(benchmark::kMillisecond);
 
-// KVM_GET_DIRTY_LOG of 1 GiB with every page dirty (fetch-and-clear + write-protect + flush).
-void BM_DirtyLogGet1G(benchmark::State& state) {
-  Guest g;
-  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state)) return;
-  g.touch_all();
+// FLAGS_ONLY on the 1 GiB slot 0: dirty logging on (write-protects every leaf).
+bool enable_dirty_logging(Guest& g, benchmark::State& state) {
   UserspaceMemoryRegion region;
   region.slot = 0;
   region.flags = kMemLogDirtyPages;
   region.guest_phys_addr = kGuestBase;
   region.memory_size = kGiB;
   region.userspace_addr = g.base.value;
-  if (!g.slots.set_memory_region(region)) {
-    state.SkipWithError("enabling dirty logging failed");
-    return;
-  }
+  if (g.slots.set_memory_region(region)) return true;
+  state.SkipWithError("enabling dirty logging failed");
+  return false;
+}
+
+// KVM_GET_DIRTY_LOG of 1 GiB with every page dirty (fetch-and-clear + write-protect + flush).
+void BM_DirtyLogGet1G(benchmark::State& state) {
+  Guest g;
+  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state)) return;
+  g.touch_all();
+  if (!enable_dirty_logging(g, state)) return;
   std::vector<uint64_t> bm(dirty_bitmap_words(kGiB / kPageSize));
   uint64_t pages = 0;
   for (auto _ : state) {
@@ -330,16 +334,7 @@ void BM_DirtyLogGetClear1G(benchmark::State& state) {
   Guest g;
   if (!g.init(kGiB, 1, RegionKind::kAnonymous, state, 0, false, /*manual=*/true)) return;
   g.touch_all();
-  UserspaceMemoryRegion region;
-  region.slot = 0;
-  region.flags = kMemLogDirtyPages;
-  region.guest_phys_addr = kGuestBase;
-  region.memory_size = kGiB;
-  region.userspace_addr = g.base.value;
-  if (!g.slots.set_memory_region(region)) {
-    state.SkipWithError("enabling dirty logging failed");
-    return;
-  }
+  if (!enable_dirty_logging(g, state)) return;
   const uint64_t pages_per_slot = kGiB / kPageSize;
   std::vector<uint64_t> bm(dirty_bitmap_words(pages_per_slot));
   uint64_t cleared = 0;

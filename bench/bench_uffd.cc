@@ -23,6 +23,7 @@
 #include <benchmark/benchmark.h>
 
 #include "gfnmap/uffd.h"
+#include "minimal_uffd_handler.h"
 
 namespace gfnmap {
 namespace {
@@ -84,31 +85,12 @@ void BM_MinimalHandler(benchmark::State& state) {
     reg.range = {reinterpret_cast<uint64_t>(p), size};
     reg.mode = UFFDIO_REGISTER_MODE_MISSING;
     ioctl(uffd, UFFDIO_REGISTER, &reg);
-    int stop = eventfd(0, EFD_CLOEXEC);
-    std::thread handler([&] {
-      alignas(4096) static char page[4096];
-      for (;;) {
-        pollfd fds[2] = {{uffd, POLLIN, 0}, {stop, POLLIN, 0}};
-        poll(fds, 2, -1);
-        if (fds[1].revents) return;
-        uffd_msg msg;
-        if (read(uffd, &msg, sizeof msg) != sizeof msg) continue;
-        if (msg.event != UFFD_EVENT_PAGEFAULT) continue;
-        uint64_t addr = msg.arg.pagefault.address & ~(kPageSize - 1);
-        uint64_t off = addr - reinterpret_cast<uint64_t>(p);
-        if (pread(snap, page, kPageSize, static_cast<off_t>(off)) != 4096) continue;
-        uffdio_copy c{addr, reinterpret_cast<uint64_t>(page), kPageSize, 0, 0};
-        ioctl(uffd, UFFDIO_COPY, &c);
-      }
-    });
+    bench::MinimalUffdHandler handler(uffd, p, snap);
     state.ResumeTiming();
     touch_all(p, size);
     state.PauseTiming();
-    uint64_t one = 1;
-    if (write(stop, &one, sizeof one) < 0) state.SkipWithError("eventfd");
-    handler.join();
+    handler.stop();
     close(uffd);
-    close(stop);
     munmap(p, size);
     state.ResumeTiming();
   }

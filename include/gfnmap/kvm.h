@@ -384,32 +384,9 @@ struct RunStats {
 Result<RunStats> run_guest_workload(const RunConfig& config);
 
 // ---------------------------------------------------------------------------------------------
-// Conformance replay for `gfnmap replay --kvm`: each operation goes to gfnmap's Memslots
-// (configured like this kernel) and to a fresh real VM, in order.
-
-struct ReplayOp {
-  UserspaceMemoryRegion region;
-  RegionIoctl ioctl = RegionIoctl::kV1;
-};
-
-struct ReplayOpResult {
-  int gfnmap_errno = 0;  // 0 on success
-  int kernel_errno = 0;
-  std::string gfnmap_message;  // Error::message, or the change made ("CREATE", "no-op")
-  bool agree() const { return gfnmap_errno == kernel_errno; }
-};
-
-struct ReplayReport {
-  std::vector<ReplayOpResult> ops;
-  size_t disagreements = 0;
-  bool all_agree() const { return disagreements == 0; }
-};
-
-// Errors only when the kernel side cannot be set up (no /dev/kvm: ENOENT/EACCES...).
-Result<ReplayReport> replay_against_kernel(std::span<const ReplayOp> trace);
-
-// The kernel half of the replay on its own, for callers that drive gfnmap themselves (the CLI's
-// PeerApply hook): a fresh VM that takes memslot operations one at a time.
+// Conformance of memslot operations (`gfnmap replay --kvm`, tests/kvm): a fresh real VM that
+// takes KVM_SET_USER_MEMORY_REGION(2) one operation at a time, for callers that apply the same
+// operation to gfnmap's Memslots (configured by memslots_config()) and compare the errnos.
 class KernelMemslotPeer {
  public:
   static Result<std::unique_ptr<KernelMemslotPeer>> create();

@@ -1,5 +1,5 @@
-// gfnmap kvm: `replay --kvm` as a library function: one memslot trace applied to gfnmap's
-// Memslots (configured like this kernel) and to a fresh real VM, results side by side.
+// gfnmap kvm: the kernel side of memslot conformance (`replay --kvm`, tests/kvm): a fresh VM
+// that takes memslot operations one at a time and answers with the raw errno.
 #include <cerrno>
 #include <string>
 
@@ -21,28 +21,6 @@ Result<std::unique_ptr<KernelMemslotPeer>> KernelMemslotPeer::create() {
 
 int KernelMemslotPeer::apply(const UserspaceMemoryRegion& region, RegionIoctl ioctl) {
   return vm_->set_user_memory_region(region, ioctl);
-}
-
-Result<ReplayReport> replay_against_kernel(std::span<const ReplayOp> trace) {
-  auto peer = KernelMemslotPeer::create();
-  if (!peer) return peer.error();
-  Memslots slots((*peer)->memslots_config());
-  ReplayReport report;
-  report.ops.reserve(trace.size());
-  for (const ReplayOp& op : trace) {
-    ReplayOpResult r;
-    auto g = slots.set_memory_region(op.region, op.ioctl);
-    if (g.ok()) {
-      r.gfnmap_message = g->has_value() ? std::string(to_string(**g)) : "no-op";
-    } else {
-      r.gfnmap_errno = g.error().code;
-      r.gfnmap_message = g.error().message;
-    }
-    r.kernel_errno = (*peer)->apply(op.region, op.ioctl);
-    if (!r.agree()) ++report.disagreements;
-    report.ops.push_back(std::move(r));
-  }
-  return report;
 }
 
 }  // namespace gfnmap::kvm

@@ -37,7 +37,10 @@ using Shadow = std::map<uint32_t, ShadowSlot>;  // raw slot field -> slot
 
 struct GenOp {
   std::string kind;  // what the generator meant to exercise
-  ReplayOp op;
+  struct {
+    UserspaceMemoryRegion region;
+    RegionIoctl ioctl = RegionIoctl::kV1;
+  } op;
 };
 
 class TraceGen {

@@ -1,5 +1,5 @@
-// gfnmap MMU benchmarks: table hit (gpa -> host pointer) vs a flat array and a region binary
-// search, 1 GiB fault-in vs MADV_POPULATE_WRITE, 1 GiB invalidation, dirty-log get and get+clear.
+// gfnmap MMU benchmarks: table hit (gpa -> host pointer) against a flat array and a binary search
+// in one interleaved run; 1 GiB fault-in vs MADV_POPULATE_WRITE; invalidation; dirty-log get+clear.
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 
@@ -9,6 +9,7 @@
 #include <memory>
 #include <random>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "gfnmap/dirty.h"
@@ -99,13 +100,15 @@ struct Guest {
   }
 };
 
-// The median of per-iteration timed seconds, in ms (robust to a preempted iteration, unlike
-// the mean Google Benchmark reports).
-double median_ms(std::vector<double> v) {
+double median(std::vector<double> v) {
   if (v.empty()) return 0;
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-  return 1e3 * v[v.size() / 2];
+  return v[v.size() / 2];
 }
+
+// The median of per-iteration timed seconds, in ms (robust to a preempted iteration, unlike
+// the mean Google Benchmark reports).
+double median_ms(std::vector<double> v) { return 1e3 * median(std::move(v)); }
 
 std::vector<uint64_t> random_offsets(uint64_t bytes, size_t n) {
   std::mt19937_64 rng(42);
@@ -116,81 +119,104 @@ std::vector<uint64_t> random_offsets(uint64_t bytes, size_t n) {
 
 constexpr uint64_t kHitBytes = uint64_t{256} << 20;  // 65,536 pages
 constexpr size_t kHitSamples = 1 << 16;
+constexpr size_t kHitBurst = 100'000;  // accesses per timed burst
+constexpr int kHitRounds = 100;
 
-// The floor and the peer read the same populated guest memory as gfnmap (same host pages,
-// same TLB and cache behaviour); only the gpa -> host pointer step differs.
+// ns per access of one burst of kHitBurst random 8-byte reads; access(gpa) returns the value.
+template <class Access>
+[[gnu::noinline]] double hit_burst(const std::vector<uint64_t>& offs, uint64_t* sink,
+                                   Access&& access) {
+  uint64_t sum = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (size_t i = 0; i < kHitBurst; ++i) sum += access(kGuestBase + offs[i & (kHitSamples - 1)]);
+  const auto t1 = std::chrono::steady_clock::now();
+  *sink += sum;
+  return std::chrono::duration<double, std::nano>(t1 - t0).count() / kHitBurst;
+}
 
-// Floor: a flat array of host page pointers, one per guest page.
-void BM_TableHit_FlatArrayFloor(benchmark::State& state) {
+// Table hit, gpa -> host pointer, 8-byte random reads of 256 MiB of populated 4K pages split in
+// N slots. Four ways over the same memory, in turn, kHitRounds rounds of one burst each:
+//  - floor:     a flat array of host page pointers, one per guest page;
+//  - bsearch:   vm-memory's find_region, a binary search over the N sorted regions;
+//  - vcpu:      Vcpu::try_read_u64 (an access window per access);
+//  - guest:     Vcpu::GuestMode::try_read_u64 (one window for the whole burst).
+// Counters are medians over the rounds: ns per access, and ratios taken within each round
+// (the machine's speed drifts by 2x between rounds; within a round it cancels).
+void BM_TableHit(benchmark::State& state) {
+  const auto nr = static_cast<unsigned>(state.range(0));
   Guest g;
-  if (!g.init(kHitBytes, 1, RegionKind::kAnonymous, state)) return;
+  if (!g.init(kHitBytes, nr, RegionKind::kAnonymous, state)) return;
   g.touch_all();
   std::byte* mem = reinterpret_cast<std::byte*>(g.base.value);
-  std::vector<std::byte*> table(kHitBytes / kPageSize);
-  for (size_t i = 0; i < table.size(); ++i) table[i] = mem + i * kPageSize;
-  auto offs = random_offsets(kHitBytes, kHitSamples);
-  size_t i = 0;
-  uint64_t sum = 0;
-  for (auto _ : state) {
-    uint64_t gpa = kGuestBase + offs[i++ & (kHitSamples - 1)];
-    uint64_t x;
-    std::memcpy(&x, table[(gpa - kGuestBase) >> 12] + (gpa & 4095), 8);
-    sum += x;
-  }
-  benchmark::DoNotOptimize(sum);
-}
-BENCHMARK(BM_TableHit_FlatArrayFloor);
-
-// Peer: vm-memory's find_region, a binary search over sorted regions.
-void BM_TableHit_RegionBinarySearch(benchmark::State& state) {
-  const unsigned nr = static_cast<unsigned>(state.range(0));
+  std::vector<std::byte*> flat(kHitBytes / kPageSize);
+  for (size_t i = 0; i < flat.size(); ++i) flat[i] = mem + i * kPageSize;
   struct Region {
     uint64_t start, size;
     std::byte* host;
   };
-  Guest g;
-  if (!g.init(kHitBytes, 1, RegionKind::kAnonymous, state)) return;
-  g.touch_all();
-  std::byte* mem = reinterpret_cast<std::byte*>(g.base.value);
   std::vector<Region> regions;
-  uint64_t per = kHitBytes / nr;
+  const uint64_t per = kHitBytes / nr;
   for (unsigned s = 0; s < nr; ++s) regions.push_back({kGuestBase + s * per, per, mem + s * per});
-  auto offs = random_offsets(kHitBytes, kHitSamples);
-  size_t i = 0;
-  uint64_t sum = 0;
-  for (auto _ : state) {
-    uint64_t gpa = kGuestBase + offs[i++ & (kHitSamples - 1)];
-    auto it = std::upper_bound(regions.begin(), regions.end(), gpa,
-                               [](uint64_t a, const Region& r) { return a < r.start; });
-    const Region& r = *(it - 1);
-    uint64_t x;
-    std::memcpy(&x, r.host + (gpa - r.start), 8);
-    sum += x;
-  }
-  benchmark::DoNotOptimize(sum);
-}
-BENCHMARK(BM_TableHit_RegionBinarySearch)->Arg(1)->Arg(8)->Arg(64);
-
-// gfnmap: Vcpu::read_u64 on a populated second-level table (4K leaves).
-void BM_TableHit_Gfnmap(benchmark::State& state) {
-  Guest g;
-  if (!g.init(kHitBytes, static_cast<unsigned>(state.range(0)), RegionKind::kAnonymous, state)) return;
-  g.touch_all();
-  auto offs = random_offsets(kHitBytes, kHitSamples);
-  size_t i = 0;
-  uint64_t sum = 0;
+  const auto offs = random_offsets(kHitBytes, kHitSamples);
   const uint64_t faults0 = g.mmu->stats().faults;
+  uint64_t sink = 0;
+  enum { kFloor, kBsearch, kVcpu, kGuest, kWays };
+  std::vector<double> ns[kWays], ratio[kWays];
   for (auto _ : state) {
-    uint64_t x = 0;
-    Gpa gpa(kGuestBase + offs[i++ & (kHitSamples - 1)]);
-    if (!g.vcpu->try_read_u64(gpa, &x)) (void)g.vcpu->read_u64(gpa, &x);
-    sum += x;
+    for (int round = 0; round < kHitRounds; ++round) {
+      double t[kWays];
+      t[kFloor] = hit_burst(offs, &sink, [&](uint64_t gpa) {
+        uint64_t x;
+        std::memcpy(&x, flat[(gpa - kGuestBase) >> kPageShift] + (gpa & (kPageSize - 1)), 8);
+        return x;
+      });
+      t[kBsearch] = hit_burst(offs, &sink, [&](uint64_t gpa) {
+        auto it = std::upper_bound(regions.begin(), regions.end(), gpa,
+                                   [](uint64_t a, const Region& r) { return a < r.start; });
+        const Region& r = *(it - 1);
+        uint64_t x;
+        std::memcpy(&x, r.host + (gpa - r.start), 8);
+        return x;
+      });
+      Vcpu& v = *g.vcpu;
+      // The miss goes to a separate local: a hit's value then never goes through memory.
+      t[kVcpu] = hit_burst(offs, &sink, [&](uint64_t gpa) {
+        uint64_t x;
+        if (v.try_read_u64(Gpa(gpa), &x)) return x;
+        uint64_t y = 0;
+        (void)v.read_u64(Gpa(gpa), &y);
+        return y;
+      });
+      {
+        Vcpu::GuestMode gm(v);
+        t[kGuest] = hit_burst(offs, &sink, [&](uint64_t gpa) {
+          uint64_t x;
+          if (gm.try_read_u64(Gpa(gpa), &x)) return x;
+          uint64_t y = 0;
+          (void)gm.read_u64(Gpa(gpa), &y);
+          return y;
+        });
+      }
+      for (int k = 0; k < kWays; ++k) {
+        ns[k].push_back(t[k]);
+        ratio[k].push_back(t[k] / t[kFloor]);
+      }
+    }
   }
-  benchmark::DoNotOptimize(sum);
-  state.counters["faults_per_access"] = static_cast<double>(g.mmu->stats().faults - faults0) /
-                                        static_cast<double>(state.iterations());
+  benchmark::DoNotOptimize(sink);
+  state.counters["floor_ns"] = median(ns[kFloor]);
+  state.counters["bsearch_ns"] = median(ns[kBsearch]);
+  state.counters["vcpu_ns"] = median(ns[kVcpu]);
+  state.counters["guest_ns"] = median(ns[kGuest]);
+  state.counters["bsearch_x_floor"] = median(ratio[kBsearch]);
+  state.counters["vcpu_x_floor"] = median(ratio[kVcpu]);
+  state.counters["guest_x_floor"] = median(ratio[kGuest]);
+  std::vector<double> gb(ns[kGuest].size());
+  for (size_t i = 0; i < gb.size(); ++i) gb[i] = ns[kGuest][i] / ns[kBsearch][i];
+  state.counters["guest_x_bsearch"] = median(gb);
+  state.counters["faults"] = static_cast<double>(g.mmu->stats().faults - faults0);
 }
-BENCHMARK(BM_TableHit_Gfnmap)->Arg(1)->Arg(8)->Arg(64);
+BENCHMARK(BM_TableHit)->Arg(1)->Arg(8)->Arg(64)->Iterations(1)->Unit(benchmark::kMillisecond);
 
 // Floor: MADV_POPULATE_WRITE of 1 GiB (4K or THP), ns per 4K page.
 void populate_floor(benchmark::State& state, bool thp) {

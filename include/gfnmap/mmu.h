@@ -325,6 +325,9 @@ class Vcpu {
     return fast_u64<true>(gpa, &value);
   }
 
+  // KVM's IN_GUEST_MODE for long runs of accesses (below): a table hit without a window per access.
+  class GuestMode;
+
   // Async PF: completed work -> re-run each fault as a prefetch, return "page ready" events
   // (kvm_check_async_pf_completion). Not-present events come as exits.
   std::vector<AsyncPfEvent> check_async_pf_completion();
@@ -377,6 +380,9 @@ class Vcpu {
   // Odd while the vCPU is between reading a table entry and finishing the access that uses it
   // ("in guest mode"); the TLB flush waits for it to move on.
   std::atomic<uint64_t> access_seq_{0};
+  // The flush's "IPI" to a GuestMode: set by a flush that waits for this vCPU's window to end,
+  // cleared by GuestMode before it enters a window. Per-access windows end without it.
+  std::atomic<uint32_t> kick_{0};
   detail::SptNode* root_ = nullptr;  // the table of as_id
   // Paging-structure cache: the level-2 table for the 1G region l2_key_, valid while the
   // Mmu's table epoch (bumped whenever a table is retired) equals l2_epoch_.
@@ -598,6 +604,90 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
   }
   leave_access_window(s);
   return hit;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KVM's IN_GUEST_MODE for a software vCPU thread. While a GuestMode lives, its vCPU stays inside
+// one access window, so a table hit is the table walk and the access alone: no window per
+// access and no table-epoch check (the level-2 table cache is dropped whenever the window is
+// re-entered, and a retired table is freed only after every window open at its retirement
+// ended). A flush that finds the vCPU in guest mode sets its kick (the IPI) and waits until the
+// window ends; the next access made through the GuestMode ends it and enters a new one. So:
+//  - hold a GuestMode only around a loop of accesses: while its thread blocks or computes
+//    without accessing, every flush (invalidation, memslot change, dirty-log harvest) waits;
+//  - while it lives, do not use its Vcpu directly, nor change host memory or memslots from its
+//    thread (a flush would wait for that thread itself). read_u64/write_u64 below leave guest
+//    mode around the faulting path; for anything else destroy the GuestMode first.
+// At most one GuestMode per Vcpu at a time, on the vCPU's thread.
+class Vcpu::GuestMode {
+ public:
+  explicit GuestMode(Vcpu& vcpu) : vcpu_(vcpu) { enter(); }
+  ~GuestMode() { leave(); }
+  GuestMode(const GuestMode&) = delete;
+  GuestMode& operator=(const GuestMode&) = delete;
+
+  // As Vcpu::try_read_u64/try_write_u64: true when the access was done through an existing
+  // entry; false means nothing was done. Never faults, never blocks.
+  [[gnu::always_inline]] bool try_read_u64(Gpa gpa, uint64_t* value) {
+    return hit<false>(gpa, value);
+  }
+  [[gnu::always_inline]] bool try_write_u64(Gpa gpa, uint64_t value) {
+    return hit<true>(gpa, &value);
+  }
+  // As Vcpu::read_u64/write_u64 (fault in, or exit): outside guest mode on a miss.
+  VcpuExit read_u64(Gpa gpa, uint64_t* value);
+  VcpuExit write_u64(Gpa gpa, uint64_t value);
+
+ private:
+  template <bool kWrite>
+  [[gnu::always_inline]] inline bool hit(Gpa gpa, uint64_t* value);
+  // Everything the inline hit leaves out: the kick, refilling the level-2 cache, huge and
+  // scattered leaves, entries without the accessed/dirty bits set.
+  template <bool kWrite>
+  [[gnu::noinline]] bool hit_full(Gpa gpa, uint64_t* value);
+  void enter();
+  void leave() { vcpu_.leave_access_window(seq_); }
+  [[gnu::noinline]] void kicked() { leave(); enter(); }
+
+  Vcpu& vcpu_;
+  const std::atomic<uint32_t>* kick_ = &vcpu_.kick_;
+  uint64_t seq_ = 0;                 // the vCPU's access_seq_ before entering
+  uint64_t l2_key_ = ~uint64_t{0};   // gfn >> 18 of l2_ (~0: none; no gfn has that key)
+  detail::SptNode* l2_ = nullptr;
+  bool writes_ = false;  // write hits allowed: not the VMM's vCPU, dirty ring not soft-full
+};
+
+// One dependent load per level below the cached level-2 table, one for the data; the checks
+// are on values in registers or L1 (see Vcpu::fast_u64 on why the common case is all there is).
+// A level-1 entry is never a table nor scattered, so "present and accessed (and writable,
+// dirty)" is all a 4K hit needs.
+template <bool kWrite>
+[[gnu::always_inline]] inline bool Vcpu::GuestMode::hit(Gpa gpa, uint64_t* value) {
+  const uint64_t off = gpa.value & (kPageSize - 1);
+  const uint64_t gfn = gpa.value >> kPageShift;
+  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                      spte::kDirty)
+                                   : (spte::kPresent | spte::kAccessed);
+  if (__builtin_expect(off <= kPageSize - sizeof(uint64_t) && (gfn >> 18) == l2_key_ &&
+                           (!kWrite || writes_), 1)) {
+    const uint64_t e2 = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
+    if (__builtin_expect((e2 & spte::kTable) != 0, 1)) {
+      const uint64_t e1 =
+          detail::spt_child(e2)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
+      if (__builtin_expect((e1 & need) == need, 1)) {
+        std::byte* p = detail::spt_decode_addr(e1) + off;
+        if constexpr (kWrite) {
+          std::memcpy(p, value, sizeof(uint64_t));
+        } else {
+          std::memcpy(value, p, sizeof(uint64_t));
+        }
+        // The kick is seen after the access: the flush waits for the window to end anyway.
+        if (__builtin_expect(kick_->load(std::memory_order_relaxed) != 0, 0)) kicked();
+        return true;
+      }
+    }
+  }
+  return hit_full<kWrite>(gpa, value);
 }
 
 }  // namespace gfnmap

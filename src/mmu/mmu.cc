@@ -295,9 +295,16 @@ void Mmu::Impl::flush(bool needed) {
   } else {
     detail::full_fence();
   }
+  // Kick every vCPU inside a window first (a GuestMode ends its window on its next access),
+  // then wait for each of those windows to end.
+  waits.clear();
   for (Vcpu* v : vcpus) {
     uint64_t s = v->access_seq_.load(std::memory_order_acquire);
     if (!(s & 1)) continue;
+    v->kick_.store(1, std::memory_order_relaxed);
+    waits.emplace_back(v, s);
+  }
+  for (auto [v, s] : waits) {
     while (v->access_seq_.load(std::memory_order_acquire) == s) std::this_thread::yield();
   }
   free_retired();

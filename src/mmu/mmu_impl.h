@@ -43,6 +43,7 @@ struct Mmu::Impl {
   uint64_t range_start = kInvalidGfn;   // mmu_invalidate_range_start/_end
   uint64_t range_end = kInvalidGfn;
   std::vector<Vcpu*> vcpus;
+  std::vector<std::pair<Vcpu*, uint64_t>> waits;  // flush scratch: vCPUs in a window, their seq
   std::unordered_map<const void*, uint64_t> pfn_overflow;  // &node->e[i] -> pfn
   // Unlinked but maybe still read by a vCPU in an access window: freed by the next flush.
   std::vector<std::pair<detail::SptNode*, int>> retired_nodes;  // node, its level

@@ -231,4 +231,83 @@ bool Vcpu::wait_async_pf(long timeout_ms) {
   return apf_->wait_for_completion(timeout_ms);
 }
 
+// ---------------------------------------------------------------------------------------------
+// GuestMode.
+
+// The kick is cleared before the window opens (release orders the two): a flush that sees the
+// new window sets the kick after this store, so it cannot be lost; a kick left from an earlier
+// window costs one spurious re-entry.
+void Vcpu::GuestMode::enter() {
+  Vcpu& v = vcpu_;
+  v.kick_.store(0, std::memory_order_relaxed);
+  seq_ = v.access_seq_.load(std::memory_order_relaxed);
+  v.access_seq_.store(seq_ + 1, std::memory_order_release);
+  if (detail::g_vcpu_needs_fence) {
+    detail::full_fence();
+  } else {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+  }
+  l2_key_ = ~uint64_t{0};
+  l2_ = nullptr;
+  // KVM_RUN entry check, as access_range does.
+  v.ring_full_ = v.ring_ != nullptr && v.ring_->soft_full();
+  writes_ = v.id_ != Mmu::kVmmVcpuId && !v.ring_full_;
+}
+
+template <bool kWrite>
+bool Vcpu::GuestMode::hit_full(Gpa gpa, uint64_t* value) {
+  if (kick_->load(std::memory_order_relaxed) != 0) kicked();  // a flush waits for this window
+  const uint64_t off = gpa.value & (kPageSize - 1);
+  const uint64_t gfn = gpa.value >> kPageShift;
+  if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || (kWrite && !writes_)) {
+    return false;
+  }
+  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                      spte::kDirty)
+                                   : (spte::kPresent | spte::kAccessed);
+  if ((gfn >> 18) != l2_key_) {
+    // Refill the level-2 cache from the top levels (valid until this window ends).
+    const uint64_t e4 = vcpu_.root_->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
+    if (!(e4 & spte::kTable)) return false;
+    const uint64_t e3 =
+        detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(std::memory_order_acquire);
+    if (!(e3 & spte::kTable)) return false;  // none, or a 1G leaf: the Vcpu's path
+    l2_ = detail::spt_child(e3);
+    l2_key_ = gfn >> 18;
+  }
+  uint64_t e = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
+  int level = 2;
+  if (e & spte::kTable) {
+    e = detail::spt_child(e)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
+    level = 1;
+  }
+  if ((e & (need | spte::kTable)) != need) return false;
+  std::byte* p = spt_leaf_ptr(e, level, gfn) + off;
+  if constexpr (kWrite) {
+    std::memcpy(p, value, sizeof(uint64_t));
+  } else {
+    std::memcpy(value, p, sizeof(uint64_t));
+  }
+  return true;
+}
+
+template bool Vcpu::GuestMode::hit_full<false>(Gpa, uint64_t*);
+template bool Vcpu::GuestMode::hit_full<true>(Gpa, uint64_t*);
+
+VcpuExit Vcpu::GuestMode::read_u64(Gpa gpa, uint64_t* value) {
+  if (try_read_u64(gpa, value)) return VcpuExit{};
+  leave();
+  VcpuExit ex = vcpu_.read_u64(gpa, value);
+  enter();
+  return ex;
+}
+
+VcpuExit Vcpu::GuestMode::write_u64(Gpa gpa, uint64_t value) {
+  if (try_write_u64(gpa, value)) return VcpuExit{};
+  leave();
+  VcpuExit ex = vcpu_.write_u64(gpa, value);
+  enter();
+  return ex;
+}
+
 }  // namespace gfnmap

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -26,6 +27,7 @@ struct StressParams {
   unsigned nr_vcpus = 2;
   uint64_t pages_per_slot = 64;
   bool pte_prefetch = false;  // MmuOptions::pte_prefetch (maps present neighbours on faults)
+  bool guest_mode = false;    // vCPUs access through a Vcpu::GuestMode held for the whole run
 };
 
 struct StressResult {
@@ -84,6 +86,8 @@ class StressScenario {
       vs[v].last.assign(kSlots * p_.pages_per_slot, 0);
       threads.emplace_back([&, v] {
         Vcpu vcpu(*mmu_, v);
+        std::optional<Vcpu::GuestMode> gm;
+        if (p_.guest_mode) gm.emplace(vcpu);
         std::mt19937_64 rng(1234 + v);
         uint64_t counter = 0;
         while (!stop.load(std::memory_order_relaxed)) {
@@ -92,7 +96,7 @@ class StressScenario {
           unsigned where = static_cast<unsigned>(rng() % 2);
           Gpa gpa(home(s, where) + page * kPageSize + v * 8);
           uint64_t value = ++counter;
-          VcpuExit ex = vcpu.write_u64(gpa, value);
+          VcpuExit ex = gm ? gm->write_u64(gpa, value) : vcpu.write_u64(gpa, value);
           if (ex.ok()) {
             vs[v].last[s * p_.pages_per_slot + page] = value;
             ++vs[v].writes;

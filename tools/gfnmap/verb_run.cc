@@ -417,26 +417,33 @@ EngineResult run_engine(const RunOptions& o, const Workload& w, PgLevel max_leve
       VcpuOptions vo;
       vo.async_pf = o.async_pf;
       Vcpu vcpu(*mmu, v, vo);
+      // Hits run in guest mode; it is left for faults and before every barrier (a dirty-log
+      // harvest or an invalidation between passes would otherwise wait for this thread).
+      std::optional<Vcpu::GuestMode> gm;
       const kvm::GuestWorkload g = w.guest(v);
       uint64_t checksum = 0;
       uint64_t k = 0;  // accesses in this pass
       uint32_t cur_pass = 0;
       sync.arrive_and_wait();  // pass 0 starts
+      gm.emplace(vcpu);
       kvm::for_each_guest_access(g, [&](uint32_t pass, uint64_t page, bool write) {
         if (pass != cur_pass) {
+          gm.reset();
           done[v].store(w.per_vcpu, std::memory_order_relaxed);
           sync.arrive_and_wait();  // pass ends
           sync.arrive_and_wait();  // next pass starts
+          gm.emplace(vcpu);
           cur_pass = pass;
           k = 0;
         }
         if ((++k & 1023) == 0) done[v].store(k, std::memory_order_relaxed);
         const Gpa gpa = g.slice + page * kPageSize;
         uint64_t value = write ? kvm::guest_write_value(gpa, pass) : 0;
-        if (write ? vcpu.try_write_u64(gpa, value) : vcpu.try_read_u64(gpa, &value)) {
+        if (write ? gm->try_write_u64(gpa, value) : gm->try_read_u64(gpa, &value)) {
           if (!write) checksum ^= value;
           return;  // table hit
         }
+        gm.reset();
         for (;;) {
           VcpuExit ex = write ? vcpu.write_u64(gpa, value) : vcpu.read_u64(gpa, &value);
           if (ex.ok()) {
@@ -453,7 +460,9 @@ EngineResult run_engine(const RunOptions& o, const Workload& w, PgLevel max_leve
           unexpected_exits.fetch_add(1, std::memory_order_relaxed);
           break;
         }
+        gm.emplace(vcpu);
       });
+      gm.reset();
       done[v].store(w.per_vcpu, std::memory_order_relaxed);
       sync.arrive_and_wait();  // last pass ends
       while (vcpu.async_pf_queue() && vcpu.async_pf_queue()->queued() > 0) {

@@ -1,0 +1,162 @@
+// gfnmap MMU tests: Vcpu::GuestMode (IN_GUEST_MODE): hits need the same entry bits as the
+// per-access path, and every flush kicks a vCPU out of guest mode before it completes.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+#include "mmu_fixture.h"
+
+namespace gfnmap::test {
+namespace {
+
+constexpr uint64_t kGpa = uint64_t{1} << 32;
+
+// Invariants 18, 19 and 23 in guest mode: a hit never skips marking, aging or dirty logging,
+// and never goes through a zapped entry or a retired table.
+TEST_F(MmuTest, GuestMode_Invariant18_19_23_HitsNeedPermissionAndBits) {
+  Hva hva = map(8 * kPageSize);
+  add_slot(0, kGpa, 8 * kPageSize, hva);
+  Vcpu& v = vcpu();
+  uint64_t x = 0;
+  const uint64_t faults0 = mmu_->stats().faults;
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa), &x));  // no entry: nothing done, no fault
+    EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa), 1));
+    EXPECT_EQ(mmu_->stats().faults, faults0);
+    ASSERT_TRUE(gm.write_u64(Gpa(kGpa), 7).ok());  // faults outside guest mode
+    EXPECT_EQ(mmu_->stats().faults, faults0 + 1);
+    EXPECT_TRUE(gm.try_write_u64(Gpa(kGpa + 8), 8));
+    ASSERT_TRUE(gm.try_read_u64(Gpa(kGpa + 8), &x));
+    EXPECT_EQ(x, 8u);
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa + kPageSize - 4), &x));      // crosses a page
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kMmuMaxGfn << kPageShift), &x));  // beyond the table
+    ASSERT_TRUE(gm.read_u64(Gpa(kGpa + kPageSize - 4), &x).ok());      // ... done by the Vcpu
+  }
+  // Aging (from this thread, so outside guest mode): an old entry is made young by the full
+  // path, never silently by a hit.
+  EXPECT_TRUE(mmu_->clear_young(hva, hva + kPageSize));
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa), &x));
+    ASSERT_TRUE(gm.read_u64(Gpa(kGpa), &x).ok());
+    EXPECT_EQ(x, 7u);
+    EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa), &x));
+    // The zero page is mapped read-only: reads hit, writes do not.
+    ASSERT_TRUE(gm.read_u64(Gpa(kGpa + 2 * kPageSize), &x).ok());
+    EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa + 2 * kPageSize), &x));
+    EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa + 2 * kPageSize), 1));
+  }
+  // Dirty logging write-protects: the write goes through the logged path, then hits again.
+  ASSERT_TRUE(set_region(0, kGpa, 8 * kPageSize, hva, kMemLogDirtyPages).ok());
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa), 9));
+    ASSERT_TRUE(gm.write_u64(Gpa(kGpa), 9).ok());
+    EXPECT_TRUE(gm.try_write_u64(Gpa(kGpa), 10));
+  }
+  std::vector<uint64_t> bitmap(1);
+  ASSERT_TRUE(dirty_->get_dirty_log(0, bitmap).ok());
+  EXPECT_EQ(bitmap[0] & 1, 1u) << "the guest-mode write was not logged";
+  // Tables retired (zap_all frees every node): the cached level-2 table is not used again
+  // (under ASan a stale pointer would be a use-after-free).
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa + 3 * kPageSize), 11).ok());
+  mmu_->zap_all();
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa + 3 * kPageSize), &x));
+    ASSERT_TRUE(gm.read_u64(Gpa(kGpa + 3 * kPageSize), &x).ok());
+    EXPECT_EQ(x, 11u);
+  }
+  EXPECT_EQ(balance_gap(), 0u);
+}
+
+// The VMM's pseudo-vCPU never writes on the hit path (every VMM write is logged in the bitmap),
+// and a soft-full dirty ring stops write hits as it stops KVM_RUN.
+TEST_F(MmuTest, GuestMode_VmmWritesAndFullRingTakeTheVcpuPath) {
+  vcpus_.clear();
+  mmu_.reset();
+  dirty_ = std::make_unique<DirtyLog>(slots_);
+  ASSERT_TRUE(dirty_->enable_dirty_ring(4096).ok());  // 256 entries, soft limit 192
+  MmuOptions o;
+  o.dirty = dirty_.get();
+  mmu_ = std::make_unique<Mmu>(slots_, host_, o);
+  Hva hva = map(256 * kPageSize);
+  add_slot(0, kGpa, 256 * kPageSize, hva);
+  {
+    Vcpu vmm(*mmu_, Mmu::kVmmVcpuId);
+    Vcpu::GuestMode gm(vmm);
+    ASSERT_TRUE(gm.write_u64(Gpa(kGpa), 1).ok());
+    EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa), 2)) << "a VMM write skipped the dirty log";
+    uint64_t x = 0;
+    EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa), &x));
+    EXPECT_EQ(x, 1u);
+  }
+  ASSERT_TRUE(set_region(0, kGpa, 256 * kPageSize, hva, kMemLogDirtyPages).ok());
+  Vcpu& v = vcpu(3);
+  Vcpu::GuestMode gm(v);
+  VcpuExit ex;
+  uint64_t i = 0;
+  for (; i < 256; ++i) {
+    ex = gm.write_u64(Gpa(kGpa + i * kPageSize), i);
+    if (!ex.ok()) break;
+  }
+  ASSERT_EQ(ex.reason, ExitReason::kDirtyRingFull);
+  // Page 0 is mapped writable and dirty, but the ring is soft-full: no write hit.
+  EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa), 5));
+  EXPECT_EQ(gm.write_u64(Gpa(kGpa), 5).reason, ExitReason::kDirtyRingFull);
+}
+
+// A flush (here: an invalidation's) waits until a vCPU in guest mode has left it, and the kick
+// makes the vCPU leave on its next access. Afterwards the zapped page is not hit again.
+TEST_F(MmuTest, GuestMode_FlushKicksTheVcpuAndWaitsForIt) {
+  Hva hva = map(4 * kPageSize);
+  add_slot(0, kGpa, 4 * kPageSize, hva);
+  Vcpu& v = vcpu();
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa), 42).ok());
+  std::atomic<int> phase{0};  // 1: in guest mode, hitting; 2: invalidation done
+  std::atomic<uint64_t> hits_after{0};
+  std::thread guest([&] {
+    Vcpu::GuestMode gm(v);
+    uint64_t x = 0;
+    while (gm.try_read_u64(Gpa(kGpa), &x)) {
+      EXPECT_EQ(x, 42u);
+      phase.store(1);
+      if (phase.load() == 2) hits_after.fetch_add(1);
+    }
+  });
+  while (phase.load() != 1) std::this_thread::yield();
+  ASSERT_TRUE(host_.discard(hva, kPageSize).ok());  // zap + flush: must not hang
+  phase.store(2);
+  guest.join();  // the loop ends at the first miss
+  EXPECT_EQ(hits_after.load(), 0u) << "a hit through the zapped entry after the invalidation";
+
+  // A vCPU holding guest mode without accessing holds every flush until it leaves.
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa + kPageSize), 1).ok());
+  std::atomic<bool> entered{false}, release{false}, left{false};
+  std::thread idle([&] {
+    {
+      Vcpu::GuestMode gm(v);
+      entered.store(true);
+      while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      left.store(true);
+    }
+  });
+  while (!entered.load()) std::this_thread::yield();
+  std::atomic<bool> flushed_before_left{false};
+  std::thread inval([&] {
+    ASSERT_TRUE(host_.discard(hva + kPageSize, kPageSize).ok());
+    flushed_before_left.store(!left.load());
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  release.store(true);
+  inval.join();
+  idle.join();
+  EXPECT_FALSE(flushed_before_left.load()) << "the flush did not wait for the guest-mode vCPU";
+  EXPECT_EQ(balance_gap(), 0u);
+}
+
+}  // namespace
+}  // namespace gfnmap::test

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <thread>
 #include <string_view>
 #include <vector>
 
@@ -30,9 +31,9 @@ struct SptNode;
 
 // ---------------------------------------------------------------------------------------------
 // Second-level PTE (SPTE) encoding. A leaf is one atomic 64-bit word:
-//   bits 12..55  the host pointer of the first byte the leaf maps, >> 4 (host page pointers
-//                are 16-byte aligned), so a table hit is one load, a mask and a shift; the
-//                host pfn lives in a side array beside the entries
+//   bits 12..47  the host pointer of the first byte the leaf maps (host page pointers are
+//                4K-aligned user addresses), so a table hit is one load and a mask; the host
+//                pfn lives in a side array beside the entries
 //   bits 0..11   the flags below
 // A non-leaf entry (levels 2..4) is a child table pointer with kSpteTable set. 0 = not present.
 namespace spte {
@@ -50,8 +51,7 @@ inline constexpr uint64_t kScattered = 1u << 10;    // 2M leaf whose 4K host pag
                                                     // contiguous: bits 12..55 point at an
                                                     // array of 512 host page pointers
 inline constexpr uint64_t kTable = uint64_t{1} << 63;  // non-leaf: bits 0..47 point at a table
-inline constexpr uint64_t kAddrMask = 0x00fffffffffff000ULL;
-inline constexpr unsigned kAddrShift = 8;  // pointer = (e & kAddrMask) >> kAddrShift
+inline constexpr uint64_t kAddrMask = 0x0000fffffffff000ULL;  // pointer = e & kAddrMask
 
 constexpr bool is_leaf(uint64_t e) { return (e & kPresent) && !(e & kTable); }
 constexpr bool is_writable(uint64_t e) { return is_leaf(e) && (e & kWritable); }
@@ -380,9 +380,17 @@ class Vcpu {
   // Odd while the vCPU is between reading a table entry and finishing the access that uses it
   // ("in guest mode"); the TLB flush waits for it to move on.
   std::atomic<uint64_t> access_seq_{0};
-  // The flush's "IPI" to a GuestMode: set by a flush that waits for this vCPU's window to end,
-  // cleared by GuestMode before it enters a window. Per-access windows end without it.
-  std::atomic<uint32_t> kick_{0};
+  // The level-2 cache key of this vCPU's GuestMode (gfn >> 18 of the level-2 table it caches),
+  // which is also the flush's "IPI" to it: a flush that waits for this vCPU's window stores
+  // kGuestKicked, which no gfn matches, so the next GuestMode access leaves the inline hit,
+  // and its window. GuestMode stores kGuestNoKey when it enters a window and changes the key
+  // only by compare-and-swap, so a kick is never overwritten. Per-access windows ignore it.
+  static constexpr uint64_t kGuestNoKey = ~uint64_t{0} - 1;
+  static constexpr uint64_t kGuestKicked = ~uint64_t{0};
+  std::atomic<uint64_t> guest_key_{kGuestNoKey};
+  // The thread whose GuestMode holds this vCPU's window (debug builds assert that a flush never
+  // comes from it: it would wait for itself).
+  std::atomic<std::thread::id> guest_thread_{};
   detail::SptNode* root_ = nullptr;  // the table of as_id
   // Paging-structure cache: the level-2 table for the 1G region l2_key_, valid while the
   // Mmu's table epoch (bumped whenever a table is retired) equals l2_epoch_.
@@ -428,16 +436,14 @@ struct alignas(4096) SptScatter {
 };
 static_assert(sizeof(SptScatter) == 4096);
 
-// Leaf address bits <-> host pointer (16-byte aligned).
-inline uint64_t spt_encode_addr(const void* p) {
-  return (reinterpret_cast<uint64_t>(p) << spte::kAddrShift) & spte::kAddrMask;
-}
+// Leaf address bits <-> host pointer (4K-aligned, below 2^48).
+inline uint64_t spt_encode_addr(const void* p) { return reinterpret_cast<uint64_t>(p); }
 inline std::byte* spt_decode_addr(uint64_t e) {
   // SAFETY: leaf address bits are written only by spt_encode_addr from host pointers.
-  return reinterpret_cast<std::byte*>((e & spte::kAddrMask) >> spte::kAddrShift);
+  return reinterpret_cast<std::byte*>(e & spte::kAddrMask);
 }
 constexpr bool spt_addr_encodable(uint64_t p) {
-  return (p & 15) == 0 && p < (uint64_t{1} << 48);
+  return (p & (kPageSize - 1)) == 0 && p < (uint64_t{1} << 48);
 }
 
 inline SptNode* spt_child(uint64_t e) {
@@ -611,8 +617,8 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
 // one access window, so a table hit is the table walk and the access alone: no window per
 // access and no table-epoch check (the level-2 table cache is dropped whenever the window is
 // re-entered, and a retired table is freed only after every window open at its retirement
-// ended). A flush that finds the vCPU in guest mode sets its kick (the IPI) and waits until the
-// window ends; the next access made through the GuestMode ends it and enters a new one. So:
+// ended). A flush that finds the vCPU in guest mode kicks it (Vcpu::guest_key_) and waits until
+// the window ends; the next access made through the GuestMode ends it and enters a new one. So:
 //  - hold a GuestMode only around a loop of accesses: while its thread blocks or computes
 //    without accessing, every flush (invalidation, memslot change, dirty-log harvest) waits;
 //  - while it lives, do not use its Vcpu directly, nor change host memory or memslots from its
@@ -622,7 +628,9 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
 class Vcpu::GuestMode {
  public:
   explicit GuestMode(Vcpu& vcpu) : vcpu_(vcpu) { enter(); }
-  ~GuestMode() { leave(); }
+  ~GuestMode() {
+    if (inside_) leave();
+  }
   GuestMode(const GuestMode&) = delete;
   GuestMode& operator=(const GuestMode&) = delete;
 
@@ -634,31 +642,34 @@ class Vcpu::GuestMode {
   [[gnu::always_inline]] bool try_write_u64(Gpa gpa, uint64_t value) {
     return hit<true>(gpa, &value);
   }
-  // As Vcpu::read_u64/write_u64 (fault in, or exit): outside guest mode on a miss.
+  // As Vcpu::read_u64/write_u64 (fault in, or exit): outside guest mode on a miss. After an
+  // exit the GuestMode stays outside until its next access, so the exit can be handled from
+  // this thread (wait for async page faults, harvest and reset the dirty ring) while it lives.
   VcpuExit read_u64(Gpa gpa, uint64_t* value);
   VcpuExit write_u64(Gpa gpa, uint64_t value);
 
  private:
   template <bool kWrite>
   [[gnu::always_inline]] inline bool hit(Gpa gpa, uint64_t* value);
-  // Everything the inline hit leaves out: the kick, refilling the level-2 cache, huge and
+  // Everything the inline hit leaves out: a kick, refilling the level-2 cache, huge and
   // scattered leaves, entries without the accessed/dirty bits set.
   template <bool kWrite>
   [[gnu::noinline]] bool hit_full(Gpa gpa, uint64_t* value);
   void enter();
-  void leave() { vcpu_.leave_access_window(seq_); }
-  [[gnu::noinline]] void kicked() { leave(); enter(); }
+  void leave();
 
   Vcpu& vcpu_;
-  const std::atomic<uint32_t>* kick_ = &vcpu_.kick_;
-  uint64_t seq_ = 0;                 // the vCPU's access_seq_ before entering
-  uint64_t l2_key_ = ~uint64_t{0};   // gfn >> 18 of l2_ (~0: none; no gfn has that key)
-  detail::SptNode* l2_ = nullptr;
-  bool writes_ = false;  // write hits allowed: not the VMM's vCPU, dirty ring not soft-full
+  std::atomic<uint64_t>* const key_ = &vcpu_.guest_key_;
+  uint64_t seq_ = 0;               // the vCPU's access_seq_ before entering
+  detail::SptNode* l2_ = nullptr;  // the level-2 table of key_ (valid while key_ matches)
+  bool inside_ = false;            // in the window (key_ never matches while outside)
+  bool ring_full_ = false;  // the dirty ring was soft-full at entry: no hit until re-entry
+  bool writes_ = false;     // write hits allowed (not the VMM's vCPU: its writes are logged)
 };
 
 // One dependent load per level below the cached level-2 table, one for the data; the checks
 // are on values in registers or L1 (see Vcpu::fast_u64 on why the common case is all there is).
+// A kick is seen here as a key mismatch.
 // A level-1 entry is never a table nor scattered, so "present and accessed (and writable,
 // dirty)" is all a 4K hit needs.
 template <bool kWrite>
@@ -668,7 +679,8 @@ template <bool kWrite>
   constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
                                       spte::kDirty)
                                    : (spte::kPresent | spte::kAccessed);
-  if (__builtin_expect(off <= kPageSize - sizeof(uint64_t) && (gfn >> 18) == l2_key_ &&
+  if (__builtin_expect(off <= kPageSize - sizeof(uint64_t) &&
+                           (gfn >> 18) == key_->load(std::memory_order_relaxed) &&
                            (!kWrite || writes_), 1)) {
     const uint64_t e2 = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
     if (__builtin_expect((e2 & spte::kTable) != 0, 1)) {
@@ -681,8 +693,6 @@ template <bool kWrite>
         } else {
           std::memcpy(value, p, sizeof(uint64_t));
         }
-        // The kick is seen after the access: the flush waits for the window to end anyway.
-        if (__builtin_expect(kick_->load(std::memory_order_relaxed) != 0, 0)) kicked();
         return true;
       }
     }

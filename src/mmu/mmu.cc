@@ -301,7 +301,9 @@ void Mmu::Impl::flush(bool needed) {
   for (Vcpu* v : vcpus) {
     uint64_t s = v->access_seq_.load(std::memory_order_acquire);
     if (!(s & 1)) continue;
-    v->kick_.store(1, std::memory_order_relaxed);
+    assert(v->guest_thread_.load(std::memory_order_relaxed) != std::this_thread::get_id() &&
+           "flush from a thread whose vCPU is in guest mode: it would wait for itself");
+    v->guest_key_.store(Vcpu::kGuestKicked, std::memory_order_relaxed);
     waits.emplace_back(v, s);
   }
   for (auto [v, s] : waits) {

@@ -234,12 +234,13 @@ bool Vcpu::wait_async_pf(long timeout_ms) {
 // ---------------------------------------------------------------------------------------------
 // GuestMode.
 
-// The kick is cleared before the window opens (release orders the two): a flush that sees the
-// new window sets the kick after this store, so it cannot be lost; a kick left from an earlier
-// window costs one spurious re-entry.
+// The key (and so any kick) is reset before the window opens (release orders the two): a flush
+// that sees the new window kicks after this store, so the kick cannot be lost; a kick left from
+// an earlier window costs one spurious re-entry.
 void Vcpu::GuestMode::enter() {
   Vcpu& v = vcpu_;
-  v.kick_.store(0, std::memory_order_relaxed);
+  key_->store(kGuestNoKey, std::memory_order_relaxed);
+  v.guest_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   seq_ = v.access_seq_.load(std::memory_order_relaxed);
   v.access_seq_.store(seq_ + 1, std::memory_order_release);
   if (detail::g_vcpu_needs_fence) {
@@ -247,34 +248,54 @@ void Vcpu::GuestMode::enter() {
   } else {
     std::atomic_signal_fence(std::memory_order_seq_cst);
   }
-  l2_key_ = ~uint64_t{0};
+  inside_ = true;
   l2_ = nullptr;
-  // KVM_RUN entry check, as access_range does.
+  // KVM_RUN entry check, as access_range does: a soft-full ring lets nothing run.
   v.ring_full_ = v.ring_ != nullptr && v.ring_->soft_full();
-  writes_ = v.id_ != Mmu::kVmmVcpuId && !v.ring_full_;
+  ring_full_ = v.ring_full_;
+  writes_ = v.id_ != Mmu::kVmmVcpuId;
+}
+
+// The key is reset first, so the inline hit misses while outside.
+void Vcpu::GuestMode::leave() {
+  key_->store(kGuestNoKey, std::memory_order_relaxed);
+  vcpu_.guest_thread_.store(std::thread::id{}, std::memory_order_relaxed);
+  inside_ = false;
+  vcpu_.leave_access_window(seq_);
 }
 
 template <bool kWrite>
 bool Vcpu::GuestMode::hit_full(Gpa gpa, uint64_t* value) {
-  if (kick_->load(std::memory_order_relaxed) != 0) kicked();  // a flush waits for this window
   const uint64_t off = gpa.value & (kPageSize - 1);
   const uint64_t gfn = gpa.value >> kPageShift;
-  if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || (kWrite && !writes_)) {
-    return false;
-  }
-  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
-                                      spte::kDirty)
-                                   : (spte::kPresent | spte::kAccessed);
-  if ((gfn >> 18) != l2_key_) {
+  if (!inside_) enter();  // outside since an exit
+  uint64_t key = key_->load(std::memory_order_relaxed);
+  for (;;) {
+    if (key == kGuestKicked) {
+      leave();  // the flush waiting for this window goes on
+      enter();
+      key = kGuestNoKey;
+    }
+    if (ring_full_ || off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn ||
+        (kWrite && !writes_)) {
+      return false;  // (the key stays unmatched while the ring is full)
+    }
+    if ((gfn >> 18) == key) break;
     // Refill the level-2 cache from the top levels (valid until this window ends).
     const uint64_t e4 = vcpu_.root_->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
     if (!(e4 & spte::kTable)) return false;
     const uint64_t e3 =
         detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(std::memory_order_acquire);
     if (!(e3 & spte::kTable)) return false;  // none, or a 1G leaf: the Vcpu's path
-    l2_ = detail::spt_child(e3);
-    l2_key_ = gfn >> 18;
+    if (key_->compare_exchange_strong(key, gfn >> 18, std::memory_order_relaxed)) {
+      l2_ = detail::spt_child(e3);
+      break;
+    }
+    // A kick came in between (key now holds it).
   }
+  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                      spte::kDirty)
+                                   : (spte::kPresent | spte::kAccessed);
   uint64_t e = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
   int level = 2;
   if (e & spte::kTable) {
@@ -294,19 +315,20 @@ bool Vcpu::GuestMode::hit_full(Gpa gpa, uint64_t* value) {
 template bool Vcpu::GuestMode::hit_full<false>(Gpa, uint64_t*);
 template bool Vcpu::GuestMode::hit_full<true>(Gpa, uint64_t*);
 
+// An exit leaves the GuestMode outside (KVM leaves guest mode on every exit).
 VcpuExit Vcpu::GuestMode::read_u64(Gpa gpa, uint64_t* value) {
   if (try_read_u64(gpa, value)) return VcpuExit{};
-  leave();
+  if (inside_) leave();
   VcpuExit ex = vcpu_.read_u64(gpa, value);
-  enter();
+  if (ex.ok()) enter();
   return ex;
 }
 
 VcpuExit Vcpu::GuestMode::write_u64(Gpa gpa, uint64_t value) {
   if (try_write_u64(gpa, value)) return VcpuExit{};
-  leave();
+  if (inside_) leave();
   VcpuExit ex = vcpu_.write_u64(gpa, value);
-  enter();
+  if (ex.ok()) enter();
   return ex;
 }
 

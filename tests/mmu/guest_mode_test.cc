@@ -73,16 +73,12 @@ TEST_F(MmuTest, GuestMode_Invariant18_19_23_HitsNeedPermissionAndBits) {
   EXPECT_EQ(balance_gap(), 0u);
 }
 
-// The VMM's pseudo-vCPU never writes on the hit path (every VMM write is logged in the bitmap),
-// and a soft-full dirty ring stops write hits as it stops KVM_RUN.
+// The VMM's pseudo-vCPU never writes on the hit path (every VMM write is logged in the bitmap).
+// A soft-full dirty ring stops every hit as it stops KVM_RUN, and the exit leaves guest mode,
+// so the ring can be harvested and reset from the vCPU's thread while the GuestMode lives (a
+// reset flushes; inside guest mode it would wait for this thread itself).
 TEST_F(MmuTest, GuestMode_VmmWritesAndFullRingTakeTheVcpuPath) {
-  vcpus_.clear();
-  mmu_.reset();
-  dirty_ = std::make_unique<DirtyLog>(slots_);
-  ASSERT_TRUE(dirty_->enable_dirty_ring(4096).ok());  // 256 entries, soft limit 192
-  MmuOptions o;
-  o.dirty = dirty_.get();
-  mmu_ = std::make_unique<Mmu>(slots_, host_, o);
+  ASSERT_NO_FATAL_FAILURE(make_mmu_with_dirty_ring(4096));  // 256 entries, soft limit 192
   Hva hva = map(256 * kPageSize);
   add_slot(0, kGpa, 256 * kPageSize, hva);
   {
@@ -104,32 +100,42 @@ TEST_F(MmuTest, GuestMode_VmmWritesAndFullRingTakeTheVcpuPath) {
     if (!ex.ok()) break;
   }
   ASSERT_EQ(ex.reason, ExitReason::kDirtyRingFull);
-  // Page 0 is mapped writable and dirty, but the ring is soft-full: no write hit.
+  // Page 0 is mapped writable and dirty, but the ring is soft-full: nothing runs.
+  uint64_t x = 0;
   EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa), 5));
+  EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa), &x));
   EXPECT_EQ(gm.write_u64(Gpa(kGpa), 5).reason, ExitReason::kDirtyRingFull);
+  v.dirty_ring()->harvest([](uint32_t, uint64_t) {});
+  ASSERT_TRUE(dirty_->reset_dirty_rings().ok());  // write-protects and flushes: must return
+  ASSERT_TRUE(gm.write_u64(Gpa(kGpa), 6).ok());
+  EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa), &x));
+  EXPECT_EQ(x, 6u);
 }
 
 // A flush (here: an invalidation's) waits until a vCPU in guest mode has left it, and the kick
-// makes the vCPU leave on its next access. Afterwards the zapped page is not hit again.
+// makes the vCPU leave on its next access: no access that starts after the invalidation
+// returned goes through the zapped entry.
 TEST_F(MmuTest, GuestMode_FlushKicksTheVcpuAndWaitsForIt) {
   Hva hva = map(4 * kPageSize);
   add_slot(0, kGpa, 4 * kPageSize, hva);
   Vcpu& v = vcpu();
   ASSERT_TRUE(v.write_u64(Gpa(kGpa), 42).ok());
-  std::atomic<int> phase{0};  // 1: in guest mode, hitting; 2: invalidation done
+  std::atomic<bool> hitting{false}, invalidated{false};
   std::atomic<uint64_t> hits_after{0};
   std::thread guest([&] {
     Vcpu::GuestMode gm(v);
     uint64_t x = 0;
-    while (gm.try_read_u64(Gpa(kGpa), &x)) {
+    for (;;) {
+      const bool after = invalidated.load();
+      if (!gm.try_read_u64(Gpa(kGpa), &x)) break;
       EXPECT_EQ(x, 42u);
-      phase.store(1);
-      if (phase.load() == 2) hits_after.fetch_add(1);
+      if (after) hits_after.fetch_add(1);
+      hitting.store(true);
     }
   });
-  while (phase.load() != 1) std::this_thread::yield();
+  while (!hitting.load()) std::this_thread::yield();
   ASSERT_TRUE(host_.discard(hva, kPageSize).ok());  // zap + flush: must not hang
-  phase.store(2);
+  invalidated.store(true);
   guest.join();  // the loop ends at the first miss
   EXPECT_EQ(hits_after.load(), 0u) << "a hit through the zapped entry after the invalidation";
 
@@ -155,6 +161,55 @@ TEST_F(MmuTest, GuestMode_FlushKicksTheVcpuAndWaitsForIt) {
   inval.join();
   idle.join();
   EXPECT_FALSE(flushed_before_left.load()) << "the flush did not wait for the guest-mode vCPU";
+  EXPECT_EQ(balance_gap(), 0u);
+}
+
+// The cached level-2 table of a live GuestMode is never used after the flush that retired it:
+// while a vCPU keeps writing in guest mode, another thread retires every table (zap_all) and
+// moves the 2M-aligned slot. Under ASan a stale table is a use-after-free; and every write
+// that returned must be where the guest reads it back.
+TEST_F(MmuTest, GuestMode_CachedTableNeverOutlivesItsRetirement) {
+  constexpr uint64_t kSize = 4 * k2M;
+  Hva hva = map(kSize);
+  add_slot(0, kGpa, kSize, hva);
+  Vcpu& v = vcpu();
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> gpa_base{kGpa};
+  std::atomic<uint64_t> writes{0};
+  uint64_t last[4] = {};
+  std::thread guest([&] {
+    Vcpu::GuestMode gm(v);
+    uint64_t value = 0;
+    while (!stop.load()) {
+      for (unsigned k = 0; k < 4; ++k) {
+        const Gpa gpa(gpa_base.load() + k * k2M + 8 * kPageSize);
+        ++value;
+        if (gm.write_u64(gpa, value).ok()) {
+          last[k] = value;
+          writes.fetch_add(1);
+        }
+      }
+    }
+  });
+  for (int round = 0; round < 50; ++round) {
+    const uint64_t w = writes.load();
+    while (writes.load() < w + 8) std::this_thread::yield();  // hits through the cache
+    mmu_->zap_all();
+    if (round % 10 == 9) {
+      const uint64_t to = (round / 10) % 2 ? kGpa : kGpa + (uint64_t{1} << 30);
+      ASSERT_TRUE(set_region(0, to, kSize, hva).ok());  // MOVE: zap + flush, new gpa
+      gpa_base.store(to);
+    }
+  }
+  stop.store(true);
+  guest.join();
+  EXPECT_GE(writes.load(), 400u);
+  // The memory behind the slot holds each page's last write, whatever gpa it had then.
+  for (unsigned k = 0; k < 4; ++k) {
+    uint64_t got = 0;
+    ASSERT_TRUE(v.read_u64(Gpa(gpa_base.load() + k * k2M + 8 * kPageSize), &got).ok());
+    EXPECT_EQ(got, last[k]) << "page " << k << ": a write through a retired table was lost";
+  }
   EXPECT_EQ(balance_gap(), 0u);
 }
 

@@ -30,6 +30,17 @@ class MmuTest : public ::testing::Test {
     mmu_ = std::make_unique<Mmu>(slots_, host_, std::move(options));
   }
 
+  // A new Mmu whose DirtyLog has per-vCPU dirty rings of ring_bytes (enabled before any vCPU).
+  void make_mmu_with_dirty_ring(uint32_t ring_bytes) {
+    vcpus_.clear();
+    mmu_.reset();
+    dirty_ = std::make_unique<DirtyLog>(slots_);
+    ASSERT_TRUE(dirty_->enable_dirty_ring(ring_bytes).ok());
+    MmuOptions o;
+    o.dirty = dirty_.get();
+    mmu_ = std::make_unique<Mmu>(slots_, host_, o);
+  }
+
   void TearDown() override {
     vcpus_.clear();
     mmu_.reset();

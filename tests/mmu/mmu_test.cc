@@ -626,14 +626,7 @@ TEST_F(MmuTest, Invariant23_VmmWritesAreLogged) {
 }
 
 TEST_F(MmuTest, Invariant23_DirtyRingSoftFullExits) {
-  vcpus_.clear();
-  mmu_.reset();
-  dirty_.reset();
-  dirty_ = std::make_unique<DirtyLog>(slots_);
-  ASSERT_TRUE(dirty_->enable_dirty_ring(4096).ok());  // 256 entries, soft limit 192
-  MmuOptions o;
-  o.dirty = dirty_.get();
-  mmu_ = std::make_unique<Mmu>(slots_, host_, o);
+  ASSERT_NO_FATAL_FAILURE(make_mmu_with_dirty_ring(4096));  // 256 entries, soft limit 192
   Hva hva = map(256 * kPageSize);
   add_slot(0, kGpa, 256 * kPageSize, hva, kMemLogDirtyPages);
   Vcpu& v = vcpu(3);

@@ -68,7 +68,7 @@ uint64_t detail::VmaRec::huge_size() const {
 
 SimHost::Impl::Impl(SimHost& s, SimHostConfig config) : self(s), cfg(config) {
   next_hva = align_up(cfg.hva_base.value, kPageSize);
-  zero_data = std::make_unique<std::byte[]>(kPageSize);
+  zero_data = detail::new_page_data();
   std::memset(zero_data.get(), 0, kPageSize);
   Frame zero;
   zero.kind = FrameKind::kZero;
@@ -155,7 +155,7 @@ std::byte* SimHost::Impl::data_locked(Frame& f) {
       f.data = std::move(data_pool.back());
       data_pool.pop_back();
     } else {
-      f.data = std::make_unique<std::byte[]>(kPageSize);
+      f.data = detail::new_page_data();
     }
     std::memset(f.data.get(), 0, kPageSize);
   }

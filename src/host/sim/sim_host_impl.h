@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <map>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <set>
 #include <string>
@@ -30,6 +31,16 @@ constexpr uint64_t page_no(uint64_t addr) { return addr >> kPageShift; }
 // Saved contents of a page that is not in memory (on disk or in swap); null means zeros.
 using Blob = std::shared_ptr<std::vector<std::byte>>;
 
+// A frame's 4K of data, 4K-aligned like real pages (the MMU keeps page pointers in its entries
+// as they are, without the low 12 bits).
+struct PageDataFree {
+  void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{kPageSize}); }
+};
+using PageData = std::unique_ptr<std::byte[], PageDataFree>;
+inline PageData new_page_data() {
+  return PageData(static_cast<std::byte*>(::operator new[](kPageSize, std::align_val_t{kPageSize})));
+}
+
 struct Frame {
   FrameKind kind = FrameKind::kHole;
   int64_t refcount = 0;
@@ -41,7 +52,7 @@ struct Frame {
   bool dirty = false;
   bool accessed = false;
   bool freed = false;
-  std::unique_ptr<std::byte[]> data;  // 4K, allocated on first page_address / copy
+  PageData data;  // allocated on first page_address / copy
 };
 
 struct Pte {
@@ -116,8 +127,8 @@ struct SimHost::Impl {
   std::map<uint64_t, detail::Pte> ptes;     // by page number (hva >> 12)
   std::map<uint64_t, PgLevel> huge;         // huge-mapped regions, by aligned start hva
   std::vector<detail::Frame> frames;        // index = pfn - first_pfn
-  std::vector<std::unique_ptr<std::byte[]>> data_pool;  // 4K buffers of freed frames
-  std::unique_ptr<std::byte[]> zero_data;
+  std::vector<detail::PageData> data_pool;  // buffers of freed frames
+  detail::PageData zero_data;
   std::map<FileId, detail::File> files;
   FileId next_file = 1;
   uint64_t next_hva = 0;

@@ -6,8 +6,8 @@
 #include <cstddef>
 #include <map>
 #include <memory>
-#include <new>
 #include <mutex>
+#include <new>
 #include <set>
 #include <string>
 #include <thread>
@@ -38,7 +38,8 @@ struct PageDataFree {
 };
 using PageData = std::unique_ptr<std::byte[], PageDataFree>;
 inline PageData new_page_data() {
-  return PageData(static_cast<std::byte*>(::operator new[](kPageSize, std::align_val_t{kPageSize})));
+  void* p = ::operator new[](kPageSize, std::align_val_t{kPageSize});
+  return PageData(static_cast<std::byte*>(p));
 }
 
 struct Frame {

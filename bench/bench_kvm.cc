@@ -39,6 +39,19 @@ namespace {
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kGuestBase = uint64_t{1} << 32;  // the same layout as `gfnmap run`
 
+// One vCPU running the built-in guest over `bytes` of `mem`, one slot at gpa kGuestBase.
+kvm::RunConfig one_slot_guest(void* mem, uint64_t bytes, uint32_t passes,
+                              uint32_t write_percent) {
+  kvm::RunConfig c;
+  c.slots.push_back(kvm::RunSlot{0, Gpa(kGuestBase), bytes, mem, 0});
+  c.vcpus = 1;
+  c.bytes_per_vcpu = bytes;
+  c.slice_gpa = Gpa(kGuestBase);
+  c.passes = passes;
+  c.write_percent = write_percent;
+  return c;
+}
+
 uint64_t env_mib(const char* name, uint64_t def) {
   const char* v = std::getenv(name);
   return v && std::atoi(v) > 0 ? static_cast<uint64_t>(std::atoi(v)) : def;
@@ -81,14 +94,7 @@ void BM_FirstTouch_KvmGuest(benchmark::State& state) {
       return;
     }
     madvise(mem, bytes, MADV_NOHUGEPAGE);
-    kvm::RunConfig c;
-    c.slots.push_back(kvm::RunSlot{0, Gpa(kGuestBase), bytes, mem, 0});
-    c.vcpus = 1;
-    c.bytes_per_vcpu = bytes;
-    c.slice_gpa = Gpa(kGuestBase);
-    c.passes = 2;
-    c.write_percent = 100;
-    auto st = kvm::run_guest_workload(c);
+    auto st = kvm::run_guest_workload(one_slot_guest(mem, bytes, /*passes=*/2, 100));
     munmap(mem, bytes);
     if (!st) {
       state.SkipWithError(error_to_string(st.error()).c_str());
@@ -180,14 +186,7 @@ int snapshot_fd(uint64_t size) {
 
 // Runs the read-only guest over `mem` (size bytes at gpa 4 GiB); pages per second of the pass.
 Result<double> guest_reads(void* mem, uint64_t size) {
-  kvm::RunConfig c;
-  c.slots.push_back(kvm::RunSlot{0, Gpa(kGuestBase), size, mem, 0});
-  c.vcpus = 1;
-  c.bytes_per_vcpu = size;
-  c.slice_gpa = Gpa(kGuestBase);
-  c.passes = 1;
-  c.write_percent = 0;
-  auto st = kvm::run_guest_workload(c);
+  auto st = kvm::run_guest_workload(one_slot_guest(mem, size, /*passes=*/1, 0));
   if (!st) return st.error();
   return static_cast<double>(size / kPageSize) / st->first_touch_seconds;
 }

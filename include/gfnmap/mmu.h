@@ -11,8 +11,8 @@
 #include <memory>
 #include <mutex>
 #include <span>
-#include <thread>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "gfnmap/async_pf.h"
@@ -512,9 +512,11 @@ inline void full_fence() {
 
 }  // namespace detail
 
+// The odd store is a release (a plain store on x86): what the vCPU stored before, such as
+// GuestMode's reset of guest_key_, is seen by a flush that sees the window open.
 inline uint64_t Vcpu::enter_access_window() {
   const uint64_t s = access_seq_.load(std::memory_order_relaxed);
-  access_seq_.store(s + 1, std::memory_order_relaxed);
+  access_seq_.store(s + 1, std::memory_order_release);
   if (detail::g_vcpu_needs_fence) {
     detail::full_fence();
   } else {
@@ -616,14 +618,15 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
 // KVM's IN_GUEST_MODE for a software vCPU thread. While a GuestMode lives, its vCPU stays inside
 // one access window, so a table hit is the table walk and the access alone: no window per
 // access and no table-epoch check (the level-2 table cache is dropped whenever the window is
-// re-entered, and a retired table is freed only after every window open at its retirement
-// ended). A flush that finds the vCPU in guest mode kicks it (Vcpu::guest_key_) and waits until
+// re-entered, and a retired table is freed only after every window open at the flush ended).
+// A flush that finds the vCPU in guest mode kicks it (Vcpu::guest_key_) and waits until
 // the window ends; the next access made through the GuestMode ends it and enters a new one. So:
 //  - hold a GuestMode only around a loop of accesses: while its thread blocks or computes
 //    without accessing, every flush (invalidation, memslot change, dirty-log harvest) waits;
 //  - while it lives, do not use its Vcpu directly, nor change host memory or memslots from its
 //    thread (a flush would wait for that thread itself). read_u64/write_u64 below leave guest
-//    mode around the faulting path; for anything else destroy the GuestMode first.
+//    mode around the faulting path and stay outside after an exit; for anything else, destroy
+//    the GuestMode first unless its last access returned an exit.
 // At most one GuestMode per Vcpu at a time, on the vCPU's thread.
 class Vcpu::GuestMode {
  public:

@@ -234,20 +234,14 @@ bool Vcpu::wait_async_pf(long timeout_ms) {
 // ---------------------------------------------------------------------------------------------
 // GuestMode.
 
-// The key (and so any kick) is reset before the window opens (release orders the two): a flush
-// that sees the new window kicks after this store, so the kick cannot be lost; a kick left from
-// an earlier window costs one spurious re-entry.
+// The key (and so any kick) is reset before the window opens (the window's release store orders
+// the two): a flush that sees the new window kicks after this reset, so the kick cannot be lost;
+// a kick left from an earlier window costs one spurious re-entry.
 void Vcpu::GuestMode::enter() {
   Vcpu& v = vcpu_;
   key_->store(kGuestNoKey, std::memory_order_relaxed);
   v.guest_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
-  seq_ = v.access_seq_.load(std::memory_order_relaxed);
-  v.access_seq_.store(seq_ + 1, std::memory_order_release);
-  if (detail::g_vcpu_needs_fence) {
-    detail::full_fence();
-  } else {
-    std::atomic_signal_fence(std::memory_order_seq_cst);
-  }
+  seq_ = v.enter_access_window();
   inside_ = true;
   l2_ = nullptr;
   // KVM_RUN entry check, as access_range does: a soft-full ring lets nothing run.

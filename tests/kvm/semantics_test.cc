@@ -642,6 +642,14 @@ void run_both_plain(SideBySide& p, const kvm::GuestWorkload& w) {
   EXPECT_TRUE(engine.events.empty()) << to_string(engine.events);
 }
 
+// One sequential pass of writes over npages pages from page first_page of kDataGpa.
+kvm::GuestWorkload write_pass(uint64_t first_page, uint64_t npages) {
+  kvm::GuestWorkload w;
+  w.slice = Gpa(kDataGpa + first_page * kPageSize);
+  w.npages = npages;
+  return w;
+}
+
 // Compares the real and gfnmap dirty logs with the writes predicted from the pattern.
 //
 // What the kernel does beyond the writes (docs/spec-notes.md, "Guest-visible semantics"): a READ
@@ -715,10 +723,7 @@ struct LogChecker {
   Bitmap dirty_guest_pdes() {
     Bitmap written(kLogWords, 0);
     for (uint64_t page = 0; page < kLogPages; page += 512) {
-      kvm::GuestWorkload w;
-      w.slice = Gpa(kDataGpa + page * kPageSize);
-      w.write_percent = 100;
-      run_both_plain(p, w);
+      run_both_plain(p, write_pass(page, 1));
       written[page / 64] |= uint64_t{1} << (page % 64);
     }
     return written;
@@ -864,10 +869,7 @@ TEST(DirtyReadSemantics, KernelLogsReadFaultOnHostWritablePageAsDirty) {
   // Warm-up: one write in each 2 MiB guest page sets the dirty bit of the guest's PDE (the
   // shadow MMU grants write permission on a read fault only when the guest PTE is dirty).
   for (uint64_t page : {uint64_t{0}, uint64_t{512}}) {
-    kvm::GuestWorkload w;
-    w.slice = Gpa(kDataGpa + page * kPageSize);
-    w.write_percent = 100;
-    run_both_plain(p, w);
+    run_both_plain(p, write_pass(page, 1));
   }
   Bitmap real(kLogWords, 0), engine(kLogWords, 0);
   ASSERT_EQ(p.vm().get_dirty_log(kLogSlot, real), 0);
@@ -1009,10 +1011,7 @@ TEST_P(Semantics, MprotectReadOnlyBackingWriteFailsEfaultReadWorks) {
   constexpr uint64_t kSize = kPages * kPageSize;
   ADD_SLOT(p, 1, kDataGpa, kSize, 0, GetParam());
   // Map everything writable on both sides first, so the protect must zap live mappings.
-  kvm::GuestWorkload fill_all;
-  fill_all.slice = Gpa(kDataGpa);
-  fill_all.npages = kPages;
-  fill_all.write_percent = 100;
+  const kvm::GuestWorkload fill_all = write_pass(0, kPages);
   run_both_plain(p, fill_all);
   ASSERT_TRUE(p.host().protect(p.hva(1), kSize, PROT_READ).ok());
 
@@ -1118,10 +1117,7 @@ TEST_P(Semantics, MovedAndDeletedSlotNeverShowsStaleMemory) {
   constexpr uint64_t kSize = kPages * kPageSize;
   constexpr uint64_t kMovedGpa = kDataGpa + 64 * kMiB;
   ADD_SLOT(p, 1, kDataGpa, kSize, 0, GetParam());
-  kvm::GuestWorkload fill_all;
-  fill_all.slice = Gpa(kDataGpa);
-  fill_all.npages = kPages;
-  fill_all.write_percent = 100;
+  const kvm::GuestWorkload fill_all = write_pass(0, kPages);
   run_both_plain(p, fill_all);  // both sides now map every page writable
   set_region_both(p, 1, kMovedGpa, kSize, 0);
 
@@ -1158,10 +1154,7 @@ TEST_P(Semantics, DiscardedBackingReadsZeroInGuest) {
   SEMANTICS_SETUP(p, DirtyMode::kNone);
   constexpr uint64_t kPages = 512;
   ADD_SLOT(p, 1, kDataGpa, kPages * kPageSize, 0, GetParam());
-  kvm::GuestWorkload fill_all;
-  fill_all.slice = Gpa(kDataGpa);
-  fill_all.npages = kPages;
-  fill_all.write_percent = 100;
+  const kvm::GuestWorkload fill_all = write_pass(0, kPages);
   run_both_plain(p, fill_all);
   constexpr uint64_t kFirst = 100, kCount = 200;
   ASSERT_TRUE(p.host().discard(p.hva(1) + kFirst * kPageSize, kCount * kPageSize).ok());
@@ -1199,10 +1192,7 @@ TEST_P(Semantics, UnmappedBackingAccessFailsEfault) {
   SEMANTICS_SETUP(p, DirtyMode::kNone);
   constexpr uint64_t kPages = 64;
   ADD_SLOT(p, 1, kDataGpa, kPages * kPageSize, 0, GetParam());
-  kvm::GuestWorkload fill_all;
-  fill_all.slice = Gpa(kDataGpa);
-  fill_all.npages = kPages;
-  fill_all.write_percent = 100;
+  const kvm::GuestWorkload fill_all = write_pass(0, kPages);
   run_both_plain(p, fill_all);
   constexpr uint64_t kHole = 32;
   ASSERT_TRUE(p.host().unmap(p.hva(1) + kHole * kPageSize, 8 * kPageSize).ok());

@@ -31,10 +31,8 @@ TEST(MmuTsan, Invariant16_17_18_23_FaultsRaceInvalidationsMovesDeletesHarvests) 
 // flush must kick them out of it, or a write through a zapped or retired table is lost or lands
 // in a freed page.
 TEST(MmuTsan, Invariant16_17_18_23_GuestModeRacesInvalidationsMovesDeletesHarvests) {
-  StressParams p;
+  StressParams p;  // 2 vCPUs, 64 pages per slot
   p.duration_ms = 1000;
-  p.nr_vcpus = 2;
-  p.pages_per_slot = 64;
   p.guest_mode = true;
   StressResult r = StressScenario(p).run();
   EXPECT_GT(r.writes, 0u);

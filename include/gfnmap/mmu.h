@@ -13,6 +13,7 @@
 #include <span>
 #include <string_view>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "gfnmap/async_pf.h"
@@ -25,17 +26,15 @@
 namespace gfnmap {
 
 class Vcpu;
-namespace detail {
-struct SptNode;
-}  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
 // Second-level PTE (SPTE) encoding. A leaf is one atomic 64-bit word:
-//   bits 12..47  the host pointer of the first byte the leaf maps (host page pointers are
-//                4K-aligned user addresses), so a table hit is one load and a mask; the host
-//                pfn lives in a side array beside the entries
+//   bits 12..63  the host address minus the guest physical address of the leaf's first byte
+//                (mod 2^64; both are 4K-aligned), so the host pointer of any byte the leaf
+//                maps is (e & kAddrMask) + gpa: a table hit is one mask and the access's own
+//                address add. The host pfn lives in a side array beside the entries.
 //   bits 0..11   the flags below
-// A non-leaf entry (levels 2..4) is a child table pointer with kSpteTable set. 0 = not present.
+// A non-leaf entry (levels 2..4) is a child table pointer with kTable set. 0 = not present.
 namespace spte {
 inline constexpr uint64_t kPresent = 1u << 0;       // readable
 inline constexpr uint64_t kWritable = 1u << 1;      // writes allowed now
@@ -48,10 +47,11 @@ inline constexpr uint64_t kRefcounted = 1u << 7;    // the pfn had a refcounted 
 inline constexpr uint64_t kLarge = 1u << 8;         // a 2M or 1G leaf
 inline constexpr uint64_t kPfnOverflow = 1u << 9;   // pfn kept in the overflow map
 inline constexpr uint64_t kScattered = 1u << 10;    // 2M leaf whose 4K host pages are not
-                                                    // contiguous: bits 12..55 point at an
+                                                    // contiguous: bits 12..63 point at an
                                                     // array of 512 host page pointers
-inline constexpr uint64_t kTable = uint64_t{1} << 63;  // non-leaf: bits 0..47 point at a table
-inline constexpr uint64_t kAddrMask = 0x0000fffffffff000ULL;  // pointer = e & kAddrMask
+inline constexpr uint64_t kTable = 1u << 11;        // non-leaf: bits 12..63 point at a table
+inline constexpr uint64_t kFlagsMask = 0xfff;
+inline constexpr uint64_t kAddrMask = ~kFlagsMask;
 
 constexpr bool is_leaf(uint64_t e) { return (e & kPresent) && !(e & kTable); }
 constexpr bool is_writable(uint64_t e) { return is_leaf(e) && (e & kWritable); }
@@ -69,6 +69,82 @@ inline constexpr unsigned kPtePrefetchNum = 8;
 // Guest address width of the table: 4 levels of 512 entries, 48-bit gpa (x86 4-level EPT).
 inline constexpr unsigned kMmuLevels = 4;
 inline constexpr uint64_t kMmuMaxGfn = uint64_t{1} << 36;  // exclusive
+
+// ---------------------------------------------------------------------------------------------
+// Table layout (not API; here so the vCPU's table-hit path can be inlined into callers).
+
+namespace detail {
+
+inline constexpr unsigned kSptEntries = 512;
+inline constexpr unsigned kSptShift = 9;
+// 4K pages of one level-2 table's range (1 GiB): the span of one flat level-1 array.
+inline constexpr uint64_t kSptRegionPages = uint64_t{1} << (2 * kSptShift);
+
+constexpr unsigned spt_shift(int level) { return kSptShift * static_cast<unsigned>(level - 1); }
+constexpr uint64_t spt_pages(int level) { return uint64_t{1} << spt_shift(level); }
+constexpr unsigned spt_index(uint64_t gfn, int level) {
+  return static_cast<unsigned>((gfn >> spt_shift(level)) & (kSptEntries - 1));
+}
+
+// A word that walkers read without the MMU lock. A trivial type accessed only through
+// std::atomic_ref, so zero-filled storage from mmap already is a table of empty entries
+// (nothing to construct, nothing written, no memory used until an entry is set).
+template <class T>
+struct SptWord {
+  T v;
+  T load(std::memory_order o) const { return std::atomic_ref<T>(const_cast<T&>(v)).load(o); }
+  void store(T x, std::memory_order o) { std::atomic_ref<T>(v).store(x, o); }
+  bool compare_exchange_strong(T& expected, T desired, std::memory_order o) {
+    return std::atomic_ref<T>(v).compare_exchange_strong(expected, desired, o);
+  }
+  bool compare_exchange_weak(T& expected, T desired, std::memory_order o) {
+    return std::atomic_ref<T>(v).compare_exchange_weak(expected, desired, o);
+  }
+};
+using SptEntry = SptWord<uint64_t>;
+static_assert(std::is_trivial_v<SptEntry> && sizeof(SptEntry) == 8);
+
+// One table node: 512 entries, one 4K page, nothing else. Nodes live in 4 MiB chunks that also
+// hold their pfn side data (src/mmu/table.h). The 512 level-1 tables under one level-2 table
+// are the consecutive nodes of one chunk, its block: node j is the table of the level-2 entry
+// j, so the 4K entries of the whole 1 GiB region are one flat array of kSptRegionPages entries
+// indexed by gfn. Invariant: a block node that its level-2 entry does not link (the entry is
+// empty or a 2M leaf) holds only zero entries, so a walker may read that array without
+// looking at the level-2 entry.
+struct alignas(4096) SptNode {
+  SptEntry e[kSptEntries];
+};
+static_assert(sizeof(SptNode) == 4096);
+
+// The 512 host page pointers of a 2M leaf whose host pages are not contiguous (spte::kScattered).
+struct alignas(4096) SptScatter {
+  std::byte* ptr[kSptEntries] = {};
+};
+static_assert(sizeof(SptScatter) == 4096);
+
+// The address bits of a leaf whose first 4K page is `gfn` and maps host address `host`.
+inline uint64_t spt_encode_leaf(const void* host, uint64_t gfn) {
+  return reinterpret_cast<uint64_t>(host) - (gfn << kPageShift);
+}
+constexpr bool spt_addr_encodable(uint64_t host) { return (host & spte::kFlagsMask) == 0; }
+
+// The host pointer of gfn's 4K page inside leaf e at `level` (gfn anywhere in the leaf).
+inline std::byte* spt_leaf_ptr(uint64_t e, int level, uint64_t gfn) {
+  if (e & spte::kScattered) {
+    // SAFETY: a scattered leaf's address bits point at its SptScatter (kept until a flush
+    // after the leaf is gone).
+    return reinterpret_cast<SptScatter*>(e & spte::kAddrMask)->ptr[gfn & (spt_pages(level) - 1)];
+  }
+  // SAFETY: leaf address bits are written only by spt_encode_leaf from host pointers.
+  return reinterpret_cast<std::byte*>((e & spte::kAddrMask) + (gfn << kPageShift));
+}
+
+inline SptNode* spt_child(uint64_t e) {
+  // SAFETY: table entries are written only by the MMU from SptNode pointers | kTable.
+  return reinterpret_cast<SptNode*>(e & spte::kAddrMask);
+}
+
+}  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
 // Accesses and exits.
@@ -358,8 +434,8 @@ class Vcpu {
   VcpuExit handle_miss(Gpa gpa, bool write, uint64_t spte, uint64_t len_left,
                        const std::byte* src, uint32_t* tries, bool* again);
   // The table-hit path of read_u64/write_u64: true when the access was done. fast_u64 is the
-  // common case inline (cached level-2 table, 4K leaf with the needed bits); everything else
-  // (refilling the cache, huge and scattered leaves) is fast_u64_full, out of line.
+  // common case inline (an aligned access in the cached region, a 4K leaf with the needed bits);
+  // everything else (refilling the cache, huge and scattered leaves) is fast_u64_full.
   template <bool kWrite>
   [[gnu::always_inline]] inline bool fast_u64(Gpa gpa, uint64_t* value);
   template <bool kWrite>
@@ -371,6 +447,8 @@ class Vcpu {
   [[gnu::always_inline]] inline void leave_access_window(uint64_t s) {
     access_seq_.store(s + 2, std::memory_order_release);
   }
+  // A flush's kick of this vCPU's GuestMode, if one lives (the vCPU is in a window).
+  void kick_guest_mode();
 
   Mmu& mmu_;
   uint32_t id_;
@@ -380,23 +458,25 @@ class Vcpu {
   // Odd while the vCPU is between reading a table entry and finishing the access that uses it
   // ("in guest mode"); the TLB flush waits for it to move on.
   std::atomic<uint64_t> access_seq_{0};
-  // The level-2 cache key of this vCPU's GuestMode (gfn >> 18 of the level-2 table it caches),
-  // which is also the flush's "IPI" to it: a flush that waits for this vCPU's window stores
-  // kGuestKicked, which no gfn matches, so the next GuestMode access leaves the inline hit,
-  // and its window. GuestMode stores kGuestNoKey when it enters a window and changes the key
-  // only by compare-and-swap, so a kick is never overwritten. Per-access windows ignore it.
-  static constexpr uint64_t kGuestNoKey = ~uint64_t{0} - 1;
-  static constexpr uint64_t kGuestKicked = ~uint64_t{0};
-  std::atomic<uint64_t> guest_key_{kGuestNoKey};
+  // The flush's "IPI" to a GuestMode of this vCPU: the address of its cache base, which a flush
+  // that finds this vCPU in a window overwrites with GuestMode::kKicked (set while a GuestMode
+  // lives). kicking_ is 1 while a flush writes through it; the GuestMode's destructor clears
+  // guest_kick_ and then waits for kicking_ to be 0 (both seq_cst: either the flush sees null
+  // or the destructor sees the flush), so a kick never lands in a destroyed GuestMode.
+  std::atomic<std::atomic<uint64_t>*> guest_kick_{nullptr};
+  std::atomic<uint32_t> kicking_{0};
   // The thread whose GuestMode holds this vCPU's window (debug builds assert that a flush never
   // comes from it: it would wait for itself).
   std::atomic<std::thread::id> guest_thread_{};
   detail::SptNode* root_ = nullptr;  // the table of as_id
-  // Paging-structure cache: the level-2 table for the 1G region l2_key_, valid while the
-  // Mmu's table epoch (bumped whenever a table is retired) equals l2_epoch_.
+  // Paging-structure cache of the per-access path: the flat level-1 entries and the level-2
+  // table of the 1 GiB region that starts at gfn l1_base_, valid while the Mmu's table epoch
+  // (bumped whenever a table is retired) equals l1_epoch_. l1_base_ = kNoBase: none.
+  static constexpr uint64_t kNoBase = uint64_t{1} << 63;
   const std::atomic<uint64_t>* table_epoch_ = nullptr;
-  uint64_t l2_key_ = ~uint64_t{0};
-  uint64_t l2_epoch_ = 0;
+  uint64_t l1_base_ = kNoBase;
+  uint64_t l1_epoch_ = 0;
+  detail::SptEntry* l1_ = nullptr;
   detail::SptNode* l2_node_ = nullptr;
   DirtyRing* ring_ = nullptr;
   bool ring_full_ = false;  // ring_ was soft-full when last checked (only this vCPU pushes)
@@ -406,50 +486,9 @@ class Vcpu {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Implementation details of the inline table-hit path (layout of the table; not API).
+// Implementation details of the inline table-hit path.
 
 namespace detail {
-
-inline constexpr unsigned kSptEntries = 512;
-inline constexpr unsigned kSptShift = 9;
-
-constexpr unsigned spt_shift(int level) { return kSptShift * static_cast<unsigned>(level - 1); }
-constexpr uint64_t spt_pages(int level) { return uint64_t{1} << spt_shift(level); }
-constexpr unsigned spt_index(uint64_t gfn, int level) {
-  return static_cast<unsigned>((gfn >> spt_shift(level)) & (kSptEntries - 1));
-}
-
-// One table node. Entries are the only thing walkers read without the lock, plus pfn_off and
-// pfn_base (published before the entry that uses them, with release/acquire on the entry).
-// The pfn of a leaf is pfn_base + pfn_off[i] when that fits 32 bits, else it lives in the
-// Mmu's overflow map and the leaf carries spte::kPfnOverflow.
-struct alignas(64) SptNode {
-  std::atomic<uint64_t> e[kSptEntries]{};
-  std::atomic<uint64_t> pfn_base{0};
-  bool pfn_base_set = false;  // under the MMU lock
-  std::atomic<uint32_t> pfn_off[kSptEntries]{};
-};
-
-// The 512 host page pointers of a 2M leaf whose host pages are not contiguous (spte::kScattered).
-struct alignas(4096) SptScatter {
-  std::byte* ptr[kSptEntries] = {};
-};
-static_assert(sizeof(SptScatter) == 4096);
-
-// Leaf address bits <-> host pointer (4K-aligned, below 2^48).
-inline uint64_t spt_encode_addr(const void* p) { return reinterpret_cast<uint64_t>(p); }
-inline std::byte* spt_decode_addr(uint64_t e) {
-  // SAFETY: leaf address bits are written only by spt_encode_addr from host pointers.
-  return reinterpret_cast<std::byte*>(e & spte::kAddrMask);
-}
-constexpr bool spt_addr_encodable(uint64_t p) {
-  return (p & (kPageSize - 1)) == 0 && p < (uint64_t{1} << 48);
-}
-
-inline SptNode* spt_child(uint64_t e) {
-  // SAFETY: table entries are written only by the MMU from SptNode pointers | kTable.
-  return reinterpret_cast<SptNode*>(e & ~spte::kTable);
-}
 
 struct SptWalk {
   uint64_t e = 0;  // the entry where the walk stopped (a leaf, or 0)
@@ -459,9 +498,8 @@ struct SptWalk {
 };
 
 // Lock-free walk from root. Callers that use the result for an access must be inside their
-// access window (AccessWindow) so a flush can wait for them. Unrolled: every level has its own
-// well-predicted branch (a loop's data-dependent exit mispredicts and serialises the accesses
-// that follow, which costs several times the walk itself on random access patterns).
+// access window so a flush can wait for them. Unrolled: every level has its own well-predicted
+// branch (a loop's data-dependent exit mispredicts and serialises the accesses that follow).
 inline SptWalk spt_walk(SptNode* root, uint64_t gfn) {
   static_assert(kMmuLevels == 4);
   SptNode* n = root;
@@ -481,15 +519,26 @@ inline SptWalk spt_walk(SptNode* root, uint64_t gfn) {
   return {n->e[i].load(std::memory_order_acquire), 1, n, i};
 }
 
-// The host pointer of gfn's 4K page inside leaf e at `level`.
-inline std::byte* spt_leaf_ptr(uint64_t e, int level, uint64_t gfn) {
-  uint64_t off = gfn & (spt_pages(level) - 1);
-  if (e & spte::kScattered) {
-    // SAFETY: a scattered leaf's address bits point at its SptScatter (kept until a flush
-    // after the leaf is gone).
-    return reinterpret_cast<SptScatter*>(spt_decode_addr(e))->ptr[off];
+// What a 4K leaf needs for an inline hit. The entries of the flat level-1 array are zero or 4K
+// leaves (never tables, never scattered), and every bit of a leaf implies kPresent, so a read
+// needs only the accessed bit and a write the writable, accessed and dirty bits.
+template <bool kWrite>
+constexpr uint64_t kHitBits =
+    kWrite ? (spte::kWritable | spte::kAccessed | spte::kDirty) : spte::kAccessed;
+
+// True when a gpa's 8-byte access may take an inline hit: naturally aligned (it cannot cross a
+// page). Unaligned accesses inside a page go to the out-of-line path, which does them too.
+constexpr bool hit_aligned(uint64_t gpa) { return (gpa & (sizeof(uint64_t) - 1)) == 0; }
+
+template <bool kWrite>
+[[gnu::always_inline]] inline void hit_access(uint64_t e, uint64_t gpa, uint64_t* value) {
+  // SAFETY: e is a 4K leaf (kHitBits), whose address bits are host minus guest address.
+  std::byte* p = reinterpret_cast<std::byte*>((e & spte::kAddrMask) + gpa);
+  if constexpr (kWrite) {
+    std::memcpy(p, value, sizeof(uint64_t));
+  } else {
+    std::memcpy(value, p, sizeof(uint64_t));
   }
-  return spt_decode_addr(e) + (off << kPageShift);
 }
 
 // True when the process could register for MEMBARRIER_CMD_PRIVATE_EXPEDITED: flushes then
@@ -509,11 +558,10 @@ inline void full_fence() {
 #endif
 }
 
-
 }  // namespace detail
 
 // The odd store is a release (a plain store on x86): what the vCPU stored before, such as
-// GuestMode's reset of guest_key_, is seen by a flush that sees the window open.
+// GuestMode's reset of its cache base, is seen by a flush that sees the window open.
 inline uint64_t Vcpu::enter_access_window() {
   const uint64_t s = access_seq_.load(std::memory_order_relaxed);
   access_seq_.store(s + 1, std::memory_order_release);
@@ -525,102 +573,37 @@ inline uint64_t Vcpu::enter_access_window() {
   return s;
 }
 
-// Always inlined and kept to the dependent loads of the common case: on random accesses the hit
-// path is bound by how many accesses the CPU keeps in flight, and every instruction, call and
-// branch of the rarer cases costs more there than in isolation. No gfn bound check: a gfn at or
-// above kMmuMaxGfn has a level-2 key no cache entry holds (l2_key_ is set only by
-// fast_u64_full for gfns below it, and starts at ~0).
+// Always inlined and kept to the common case: on random accesses the hit path is bound by how
+// many accesses the CPU keeps in flight, and every instruction, load and branch of the rarer
+// cases costs more there than in isolation. The index is taken before the window: l1_base_
+// and l1_ are this vCPU's own fields; only the entry load needs the window and the epoch.
 template <bool kWrite>
 [[gnu::always_inline]] inline bool Vcpu::fast_u64(Gpa gpa, uint64_t* value) {
-  const uint64_t off = gpa.value & (kPageSize - 1);
-  const uint64_t gfn = gpa.value >> kPageShift;
-  if (off > kPageSize - sizeof(uint64_t) || ring_full_) return false;
-  if (kWrite && id_ == Mmu::kVmmVcpuId) return false;  // VMM writes are always logged
-  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
-                                      spte::kDirty)
-                                   : (spte::kPresent | spte::kAccessed);
-  const uint64_t s = enter_access_window();
-  bool hit = false;
-  const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
-  if (__builtin_expect((gfn >> 18) == l2_key_ && epoch == l2_epoch_, 1)) {
-    const uint64_t e2 = l2_node_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
-    if (__builtin_expect((e2 & spte::kTable) != 0, 1)) {
-      const uint64_t e1 =
-          detail::spt_child(e2)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
-      if (__builtin_expect((e1 & (need | spte::kTable | spte::kScattered)) == need, 1)) {
-        std::byte* p = detail::spt_decode_addr(e1) + off;
-        if constexpr (kWrite) {
-          std::memcpy(p, value, sizeof(uint64_t));
-        } else {
-          std::memcpy(value, p, sizeof(uint64_t));
-        }
+  const uint64_t idx = (gpa.value >> kPageShift) - l1_base_;
+  if (__builtin_expect(detail::hit_aligned(gpa.value) && idx < detail::kSptRegionPages &&
+                           !ring_full_ && (!kWrite || id_ != Mmu::kVmmVcpuId), 1)) {
+    const uint64_t s = enter_access_window();
+    bool hit = false;
+    if (__builtin_expect(table_epoch_->load(std::memory_order_relaxed) == l1_epoch_, 1)) {
+      const uint64_t e = l1_[idx].load(std::memory_order_acquire);
+      if (__builtin_expect((e & detail::kHitBits<kWrite>) == detail::kHitBits<kWrite>, 1)) {
+        detail::hit_access<kWrite>(e, gpa.value, value);
         hit = true;
       }
     }
+    leave_access_window(s);
+    if (__builtin_expect(hit, 1)) return true;
   }
-  leave_access_window(s);
-  if (__builtin_expect(hit, 1)) return true;
   return fast_u64_full<kWrite>(gpa, value);
-}
-
-// Every case of the hit path, and the refill of the level-2 table cache.
-template <bool kWrite>
-bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
-  const uint64_t off = gpa.value & (kPageSize - 1);
-  const uint64_t gfn = gpa.value >> kPageShift;
-  if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || ring_full_) return false;
-  if (kWrite && id_ == Mmu::kVmmVcpuId) return false;  // VMM writes are always logged
-  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
-                                      spte::kDirty)
-                                   : (spte::kPresent | spte::kAccessed);
-  const uint64_t s = enter_access_window();
-  // The level-2 table from the paging-structure cache, else from a walk of the top levels.
-  detail::SptNode* l2 = nullptr;
-  const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
-  if ((gfn >> 18) == l2_key_ && epoch == l2_epoch_) {
-    l2 = l2_node_;
-  } else {
-    uint64_t e4 = root_->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
-    if (e4 & spte::kTable) {
-      uint64_t e3 = detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(
-          std::memory_order_acquire);
-      if (e3 & spte::kTable) {
-        l2 = detail::spt_child(e3);
-        l2_key_ = gfn >> 18;
-        l2_epoch_ = epoch;
-        l2_node_ = l2;
-      }
-    }
-  }
-  uint64_t e = 0;
-  int level = 2;
-  if (l2 != nullptr) {
-    e = l2->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
-    if (__builtin_expect((e & spte::kTable) != 0, 1)) {
-      e = detail::spt_child(e)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
-      level = 1;
-    }
-  }
-  const bool hit = l2 != nullptr && (e & (need | spte::kTable)) == need;
-  if (hit) {
-    std::byte* p = detail::spt_leaf_ptr(e, level, gfn) + off;
-    if constexpr (kWrite) {
-      std::memcpy(p, value, sizeof(uint64_t));
-    } else {
-      std::memcpy(value, p, sizeof(uint64_t));
-    }
-  }
-  leave_access_window(s);
-  return hit;
 }
 
 // ---------------------------------------------------------------------------------------------
 // KVM's IN_GUEST_MODE for a software vCPU thread. While a GuestMode lives, its vCPU stays inside
-// one access window, so a table hit is the table walk and the access alone: no window per
-// access and no table-epoch check (the level-2 table cache is dropped whenever the window is
-// re-entered, and a retired table is freed only after every window open at the flush ended).
-// A flush that finds the vCPU in guest mode kicks it (Vcpu::guest_key_) and waits until
-// the window ends; the next access made through the GuestMode ends it and enters a new one. So:
+// one access window, so a table hit is one entry load and the access: no window per access and
+// no table-epoch check (the region cache is dropped whenever the window is re-entered, and a
+// retired table is freed only after every window open at the flush ended). A flush that finds
+// the vCPU in guest mode kicks it (overwrites the GuestMode's cache base) and waits until the
+// window ends; the next access made through the GuestMode ends it and enters a new one. So:
 //  - hold a GuestMode only around a loop of accesses: while its thread blocks or computes
 //    without accessing, every flush (invalidation, memslot change, dirty-log harvest) waits;
 //  - while it lives, do not use its Vcpu directly, nor change host memory or memslots from its
@@ -630,10 +613,9 @@ bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
 // At most one GuestMode per Vcpu at a time, on the vCPU's thread.
 class Vcpu::GuestMode {
  public:
-  explicit GuestMode(Vcpu& vcpu) : vcpu_(vcpu) { enter(); }
-  ~GuestMode() {
-    if (inside_) leave();
-  }
+  friend class Vcpu;  // the kick
+  explicit GuestMode(Vcpu& vcpu);
+  ~GuestMode();
   GuestMode(const GuestMode&) = delete;
   GuestMode& operator=(const GuestMode&) = delete;
 
@@ -652,52 +634,44 @@ class Vcpu::GuestMode {
   VcpuExit write_u64(Gpa gpa, uint64_t value);
 
  private:
+  // Cache bases that no gfn (< 2^52) is within kSptRegionPages of: nothing cached (also while
+  // outside the window or while the dirty ring is full), and the flush's kick.
+  static constexpr uint64_t kNoBase = uint64_t{1} << 63;
+  static constexpr uint64_t kKicked = kNoBase | (uint64_t{1} << 62);
+
   template <bool kWrite>
   [[gnu::always_inline]] inline bool hit(Gpa gpa, uint64_t* value);
-  // Everything the inline hit leaves out: a kick, refilling the level-2 cache, huge and
-  // scattered leaves, entries without the accessed/dirty bits set.
+  // Everything the inline hit leaves out: a kick, refilling the region cache, unaligned
+  // accesses, huge and scattered leaves, entries without the accessed/dirty bits set.
   template <bool kWrite>
   [[gnu::noinline]] bool hit_full(Gpa gpa, uint64_t* value);
   void enter();
   void leave();
 
+  // The two words every hit reads come first. base_ is the first gfn of the cached 1 GiB region
+  // (changed by this thread only by compare-and-swap, so a kick is never overwritten while the
+  // window is open); l1_ is that region's flat level-1 array.
+  std::atomic<uint64_t> base_{kNoBase};
+  const detail::SptEntry* l1_ = nullptr;
+  detail::SptNode* l2_ = nullptr;  // the region's level-2 table (huge leaves)
   Vcpu& vcpu_;
-  std::atomic<uint64_t>* const key_ = &vcpu_.guest_key_;
-  uint64_t seq_ = 0;               // the vCPU's access_seq_ before entering
-  detail::SptNode* l2_ = nullptr;  // the level-2 table of key_ (valid while key_ matches)
-  bool inside_ = false;            // in the window (key_ never matches while outside)
+  uint64_t seq_ = 0;        // the vCPU's access_seq_ before entering
+  bool inside_ = false;     // in the window (base_ never matches while outside)
   bool ring_full_ = false;  // the dirty ring was soft-full at entry: no hit until re-entry
   bool writes_ = false;     // write hits allowed (not the VMM's vCPU: its writes are logged)
 };
 
-// One dependent load per level below the cached level-2 table, one for the data; the checks
-// are on values in registers or L1 (see Vcpu::fast_u64 on why the common case is all there is).
-// A kick is seen here as a key mismatch.
-// A level-1 entry is never a table nor scattered, so "present and accessed (and writable,
-// dirty)" is all a 4K hit needs.
+// One load for the entry, one for the data; the checks are on values in registers or L1 (see
+// Vcpu::fast_u64 on why the common case is all there is). A kick is seen as a base mismatch.
 template <bool kWrite>
 [[gnu::always_inline]] inline bool Vcpu::GuestMode::hit(Gpa gpa, uint64_t* value) {
-  const uint64_t off = gpa.value & (kPageSize - 1);
-  const uint64_t gfn = gpa.value >> kPageShift;
-  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
-                                      spte::kDirty)
-                                   : (spte::kPresent | spte::kAccessed);
-  if (__builtin_expect(off <= kPageSize - sizeof(uint64_t) &&
-                           (gfn >> 18) == key_->load(std::memory_order_relaxed) &&
+  const uint64_t idx = (gpa.value >> kPageShift) - base_.load(std::memory_order_relaxed);
+  if (__builtin_expect(detail::hit_aligned(gpa.value) && idx < detail::kSptRegionPages &&
                            (!kWrite || writes_), 1)) {
-    const uint64_t e2 = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
-    if (__builtin_expect((e2 & spte::kTable) != 0, 1)) {
-      const uint64_t e1 =
-          detail::spt_child(e2)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
-      if (__builtin_expect((e1 & need) == need, 1)) {
-        std::byte* p = detail::spt_decode_addr(e1) + off;
-        if constexpr (kWrite) {
-          std::memcpy(p, value, sizeof(uint64_t));
-        } else {
-          std::memcpy(value, p, sizeof(uint64_t));
-        }
-        return true;
-      }
+    const uint64_t e = l1_[idx].load(std::memory_order_acquire);
+    if (__builtin_expect((e & detail::kHitBits<kWrite>) == detail::kHitBits<kWrite>, 1)) {
+      detail::hit_access<kWrite>(e, gpa.value, value);
+      return true;
     }
   }
   return hit_full<kWrite>(gpa, value);

@@ -6,12 +6,14 @@
 //   DirtyLog internals. Never call a HostMm mapping operation (GUP, faultin_pfn) or DirtyLog's
 //   ioctls under the MMU lock; never take the MMU lock inside a vCPU access window.
 #include <linux/membarrier.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "mmu_impl.h"
@@ -100,22 +102,132 @@ bool membarrier_available() {
 }  // namespace detail
 
 // ---------------------------------------------------------------------------------------------
+// Chunks (table.h).
+
+namespace detail {
+
+SptChunk* spt_map_chunk(bool is_block) {
+  // Twice the size, then the unaligned head and tail go: an aligned reservation.
+  const uint64_t span = 2 * kSptChunkBytes;
+  void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  const auto raw = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t start = (raw + kSptChunkBytes - 1) & ~(kSptChunkBytes - 1);
+  if (start > raw) munmap(p, start - raw);
+  if (raw + span > start + kSptChunkBytes) {
+    munmap(reinterpret_cast<void*>(start + kSptChunkBytes), raw + span - start - kSptChunkBytes);
+  }
+  // 4K pages, so the memory a chunk uses is exactly the slots written (metadata_bytes).
+  madvise(reinterpret_cast<void*>(start), kSptChunkBytes, MADV_NOHUGEPAGE);
+  // SAFETY: zero-filled storage of a trivial type is a chunk with no slot used.
+  auto* c = reinterpret_cast<SptChunk*>(start);
+  c->is_block = is_block;
+  return c;
+}
+
+void spt_unmap_chunk(SptChunk* chunk) { munmap(chunk, kSptChunkBytes); }
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
 // Table operations (Impl). All run under the MMU lock.
 
-SptNode* Mmu::Impl::alloc_node() {
+namespace {
+
+bool bit_test(const uint64_t* words, unsigned i) { return (words[i / 64] >> (i % 64)) & 1; }
+void bit_set(uint64_t* words, unsigned i) { words[i / 64] |= uint64_t{1} << (i % 64); }
+void bit_clear(uint64_t* words, unsigned i) { words[i / 64] &= ~(uint64_t{1} << (i % 64)); }
+
+// Marks slot i of c used (and resident, the first time); returns its node.
+SptNode* take_slot(detail::SptChunk* c, unsigned i, std::atomic<uint64_t>& nr_resident) {
+  bit_set(c->used, i);
+  ++c->nr_used;
+  if (!bit_test(c->resident, i)) {
+    bit_set(c->resident, i);
+    ++c->nr_resident;
+    nr_resident.fetch_add(1, std::memory_order_relaxed);
+  }
+  detail::SptSide& side = c->side[i];
+  side.pfn_base.store(0, std::memory_order_relaxed);
+  side.pfn_base_set = false;
+  side.block = nullptr;
+  return &c->node[i];
+}
+
+}  // namespace
+
+SptNode* Mmu::Impl::alloc_table(int level) {
+  detail::SptChunk* chunk = nullptr;
+  for (detail::SptChunk* p : pool) {
+    if (p->nr_used < detail::kSptEntries) {
+      chunk = p;
+      break;
+    }
+  }
+  if (chunk == nullptr) {
+    chunk = detail::spt_map_chunk(false);
+    pool.push_back(chunk);
+    nr_chunks.fetch_add(1, std::memory_order_relaxed);
+  }
+  unsigned i = 0;
+  while (bit_test(chunk->used, i)) ++i;
+  SptNode* n = take_slot(chunk, i, nr_resident);
+  // A reused slot: its entries were last read before the flush that freed it.
+  std::memset(static_cast<void*>(n), 0, sizeof(SptNode));
+  if (level == 2) {
+    spt_side(n).block = detail::spt_map_chunk(true);
+    nr_chunks.fetch_add(1, std::memory_order_relaxed);
+  }
   nr_nodes.fetch_add(1, std::memory_order_relaxed);
-  return new SptNode();
+  return n;
+}
+
+SptNode* Mmu::Impl::alloc_l1(SptNode* l2, unsigned idx) {
+  detail::SptChunk* b = spt_side(l2).block;
+  assert(!bit_test(b->used, idx) && "level-1 table linked twice");
+  nr_nodes.fetch_add(1, std::memory_order_relaxed);
+  return take_slot(b, idx, nr_resident);  // all zero: the SptNode invariant
+}
+
+void Mmu::Impl::release_l1(SptNode* node) {
+  for (auto& e : node->e) e.store(0, std::memory_order_relaxed);
+  detail::SptChunk* b = detail::spt_chunk_of(node);
+  bit_clear(b->used, detail::spt_slot_of(node));
+  --b->nr_used;
+  nr_nodes.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void Mmu::Impl::free_table(SptNode* node, int level) {
+  detail::SptChunk* chunk = detail::spt_chunk_of(node);
+  if (level == 2) {
+    detail::SptChunk* b = spt_side(node).block;
+    nr_nodes.fetch_sub(b->nr_used, std::memory_order_relaxed);
+    nr_resident.fetch_sub(b->nr_resident, std::memory_order_relaxed);
+    detail::spt_unmap_chunk(b);
+    nr_chunks.fetch_sub(1, std::memory_order_relaxed);
+  }
+  bit_clear(chunk->used, detail::spt_slot_of(node));
+  --chunk->nr_used;
+  nr_nodes.fetch_sub(1, std::memory_order_relaxed);
+  if (chunk->nr_used == 0 && pool.size() > 1) {
+    nr_resident.fetch_sub(chunk->nr_resident, std::memory_order_relaxed);
+    std::erase(pool, chunk);
+    detail::spt_unmap_chunk(chunk);
+    nr_chunks.fetch_sub(1, std::memory_order_relaxed);
+  }
 }
 
 void Mmu::Impl::set_leaf_pfn(SptNode* node, unsigned idx, uint64_t pfn, uint64_t* e) {
-  if (!node->pfn_base_set) {
-    node->pfn_base.store(pfn > (uint64_t{1} << 31) ? pfn - (uint64_t{1} << 31) : 0,
-                         std::memory_order_relaxed);
-    node->pfn_base_set = true;
+  detail::SptSide& side = spt_side(node);
+  if (!side.pfn_base_set) {
+    side.pfn_base.store(pfn > (uint64_t{1} << 31) ? pfn - (uint64_t{1} << 31) : 0,
+                        std::memory_order_relaxed);
+    side.pfn_base_set = true;
   }
-  uint64_t base = node->pfn_base.load(std::memory_order_relaxed);
+  uint64_t base = side.pfn_base.load(std::memory_order_relaxed);
   if (pfn >= base && pfn - base < 0xffffffffULL) {
-    node->pfn_off[idx].store(static_cast<uint32_t>(pfn - base), std::memory_order_relaxed);
+    spt_pfn_off(node)[idx].store(static_cast<uint32_t>(pfn - base), std::memory_order_relaxed);
   } else {
     pfn_overflow[&node->e[idx]] = pfn;
     *e |= spte::kPfnOverflow;
@@ -127,8 +239,8 @@ uint64_t Mmu::Impl::leaf_pfn(const SptNode* node, unsigned idx, uint64_t e) cons
     auto it = pfn_overflow.find(&node->e[idx]);
     return it == pfn_overflow.end() ? 0 : it->second;
   }
-  return node->pfn_base.load(std::memory_order_relaxed) +
-         node->pfn_off[idx].load(std::memory_order_relaxed);
+  return spt_side(node).pfn_base.load(std::memory_order_relaxed) +
+         spt_pfn_off(node)[idx].load(std::memory_order_relaxed);
 }
 
 // Clears a leaf's bookkeeping (the entry itself is cleared or replaced by the caller).
@@ -136,23 +248,28 @@ void Mmu::Impl::drop_leaf(SptNode* node, unsigned idx, uint64_t e) {
   if (e & spte::kPfnOverflow) pfn_overflow.erase(&node->e[idx]);
   if (e & spte::kScattered) {
     // SAFETY: the address bits of a scattered leaf are its SptScatter.
-    retired_scatter.push_back(reinterpret_cast<SptScatter*>(detail::spt_decode_addr(e)));
+    retired_scatter.push_back(reinterpret_cast<SptScatter*>(e & spte::kAddrMask));
   }
 }
 
-void Mmu::Impl::retire_subtree(SptNode* node, int level, ZapCtx& ctx) {
+void Mmu::Impl::retire_subtree(SptNode* node, int level, ZapCtx& ctx, bool in_retired) {
   for (unsigned i = 0; i < detail::kSptEntries; ++i) {
     uint64_t e = node->e[i].load(std::memory_order_relaxed);
     if (e & spte::kTable) {
-      retire_subtree(detail::spt_child(e), level - 1, ctx);
+      retire_subtree(detail::spt_child(e), level - 1, ctx, true);
     } else if (spte::is_leaf(e)) {
       drop_leaf(node, i, e);
       ++ctx.zapped;
     }
   }
+  ctx.flush = true;
+  if (level == 1) {
+    // Under a retired level-2 table the block goes with it; alone, the table is zeroed now.
+    if (!in_retired) release_l1(node);
+    return;
+  }
   retired_nodes.emplace_back(node, level);
   table_epoch.fetch_add(1, std::memory_order_relaxed);
-  ctx.flush = true;
 }
 
 void Mmu::Impl::zap_node(SptNode* node, int level, uint64_t base, uint64_t start, uint64_t end,
@@ -212,12 +329,15 @@ void Mmu::Impl::for_each_leaf(SptNode* node, int level, uint64_t base, uint64_t 
 }
 
 // Replaces the huge leaf at node->e[idx] (level 2 or 3) by a table of 512 leaves one level
-// down that map the same pages with the same permissions (minus W with write_protect).
-SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, bool write_protect) {
+// down that map the same pages with the same permissions (minus W with write_protect). The
+// children are written before the table is linked: a vCPU reading the flat level-1 array sees
+// each of them map what the huge leaf maps.
+SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, uint64_t leaf_gfn,
+                               bool write_protect) {
   uint64_t e = node->e[idx].load(std::memory_order_relaxed);
   assert(spte::is_leaf(e) && (e & spte::kLarge) && level > 1);
   uint64_t pfn = leaf_pfn(node, idx, e);
-  SptNode* child = alloc_node();
+  SptNode* child = level == 2 ? alloc_l1(node, idx) : alloc_table(level - 1);
   uint64_t keep = e & (spte::kPresent | spte::kWritable | spte::kExecutable |
                        spte::kHostWritable | spte::kMmuWritable | spte::kAccessed |
                        spte::kDirty | spte::kRefcounted);
@@ -225,9 +345,13 @@ SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, bool writ
   int child_level = level - 1;
   uint64_t child_pages = spt_pages(child_level);
   for (unsigned i = 0; i < detail::kSptEntries; ++i) {
-    // For a scattered 2M leaf every 4K pointer comes from its array; else it is contiguous.
-    std::byte* p = detail::spt_leaf_ptr(e, level, i * child_pages);
-    uint64_t ce = detail::spt_encode_addr(p) | keep;
+    // A contiguous leaf's children keep its address bits (host minus guest address is the same
+    // for all its pages); a scattered 2M leaf's 4K children each get their page's.
+    const uint64_t g = leaf_gfn + i * child_pages;
+    uint64_t ce = (e & spte::kScattered)
+                      ? detail::spt_encode_leaf(detail::spt_leaf_ptr(e, level, g), g)
+                      : (e & spte::kAddrMask);
+    ce |= keep;
     if (child_level > 1) ce |= spte::kLarge;
     set_leaf_pfn(child, i, pfn + i * child_pages, &ce);
     child->e[i].store(ce, std::memory_order_relaxed);
@@ -261,7 +385,8 @@ void Mmu::Impl::pte_prefetch(Vcpu& vcpu, const MemslotSet& set, SptNode* node, u
           node->e[i].load(std::memory_order_relaxed) == 0) {
         // mmu_set_spte for a prefetch: host-writable (a write GUP succeeded), no accessed or
         // dirty bit (the guest has not touched it).
-        uint64_t e = detail::spt_encode_addr(ptr) | spte::kPresent | spte::kExecutable |
+        uint64_t e = detail::spt_encode_leaf(ptr, gfn_first + (i - first)) | spte::kPresent |
+                     spte::kExecutable |
                      spte::kHostWritable | spte::kMmuWritable | spte::kWritable;
         if (pages[k]) e |= spte::kRefcounted;
         set_leaf_pfn(node, i, pages[k].pfn.value, &e);
@@ -303,7 +428,7 @@ void Mmu::Impl::flush(bool needed) {
     if (!(s & 1)) continue;
     assert(v->guest_thread_.load(std::memory_order_relaxed) != std::this_thread::get_id() &&
            "flush from a thread whose vCPU is in guest mode: it would wait for itself");
-    v->guest_key_.store(Vcpu::kGuestKicked, std::memory_order_relaxed);
+    v->kick_guest_mode();
     waits.emplace_back(v, s);
   }
   for (auto [v, s] : waits) {
@@ -313,11 +438,7 @@ void Mmu::Impl::flush(bool needed) {
 }
 
 void Mmu::Impl::free_retired() {
-  for (auto [node, level] : retired_nodes) {
-    (void)level;
-    delete node;
-    nr_nodes.fetch_sub(1, std::memory_order_relaxed);
-  }
+  for (auto [node, level] : retired_nodes) free_table(node, level);
   retired_nodes.clear();
   for (SptScatter* s : retired_scatter) {
     delete s;
@@ -342,7 +463,7 @@ Mmu::Mmu(Memslots& slots, HostMm& mm, MmuOptions options)
     : slots_(slots), mm_(mm), options_(std::move(options)), impl_(std::make_unique<Impl>(*this)) {
   detail::membarrier_available();
   unsigned nr_as = std::max(1u, slots_.config().nr_address_spaces);
-  for (unsigned i = 0; i < nr_as; ++i) impl_->roots.push_back(impl_->alloc_node());
+  for (unsigned i = 0; i < nr_as; ++i) impl_->roots.push_back(impl_->alloc_table(kMmuLevels));
   if (options_.max_level < PgLevel::k4K || options_.max_level > PgLevel::k1G) {
     options_.max_level = PgLevel::k1G;
   }
@@ -363,6 +484,8 @@ Mmu::~Mmu() {
   Impl::ZapCtx ctx;
   for (SptNode* root : impl_->roots) impl_->retire_subtree(root, static_cast<int>(kMmuLevels), ctx);
   impl_->free_retired();
+  for (detail::SptChunk* c : impl_->pool) detail::spt_unmap_chunk(c);
+  impl_->pool.clear();
   impl_->unlock_mmu();
 }
 
@@ -539,8 +662,10 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   if (level == 1) addr = reinterpret_cast<uint64_t>(ptr);
 
   const bool host_writable = writable && !slot->readonly();
-  uint64_t e = detail::spt_encode_addr(reinterpret_cast<void*>(addr)) | spte::kPresent |
-               spte::kExecutable;
+  const uint64_t leaf_gfn = gfn.value & ~(spt_pages(level) - 1);
+  uint64_t e = (scatter != nullptr ? addr
+                                   : detail::spt_encode_leaf(reinterpret_cast<void*>(addr), leaf_gfn)) |
+               spte::kPresent | spte::kExecutable;
   if (host_writable) {
     // A read fault maps writable too whenever the host mapping is (the map_writable upgrade),
     // also on a logging slot, where the writable leaf is then logged below as make_spte does:
@@ -563,10 +688,10 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
       n = detail::spt_child(cur);
     } else if (spte::is_leaf(cur)) {
       // A larger leaf covers gfn (the host level shrank under it): split it, keep the rest.
-      n = im.split_leaf(n, idx, l, false);
+      n = im.split_leaf(n, idx, l, gfn.value & ~(spt_pages(l) - 1), false);
       ctx.flush = true;
     } else {
-      SptNode* child = im.alloc_node();
+      SptNode* child = l == 2 ? im.alloc_l1(n, idx) : im.alloc_table(l - 1);
       n->e[idx].store(reinterpret_cast<uint64_t>(child) | spte::kTable,
                       std::memory_order_release);
       n = child;
@@ -589,7 +714,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
     }
     im.drop_leaf(n, idx, old);
   }
-  im.set_leaf_pfn(n, idx, pfn.value - (gfn.value & (spt_pages(level) - 1)), &e);
+  im.set_leaf_pfn(n, idx, pfn.value - (gfn.value - leaf_gfn), &e);
   n->e[idx].store(e, std::memory_order_release);
   Impl::inc(im.c.installs);
   if (level == 2) Impl::inc(im.c.installs_2m);
@@ -797,9 +922,9 @@ void Mmu::commit_memory_region(const Memslot* old_slot, const Memslot* new_slot,
     im.lock_mmu();
     Impl::ZapCtx ctx;
     uint64_t wp = 0;
-    auto fn = [&](SptNode* node, unsigned idx, uint64_t e, int level, uint64_t) {
+    auto fn = [&](SptNode* node, unsigned idx, uint64_t e, int level, uint64_t leaf_gfn) {
       if (level > 1) {
-        im.split_leaf(node, idx, level, !initially_set);
+        im.split_leaf(node, idx, level, leaf_gfn, !initially_set);
         ctx.flush = true;
         return;
       }
@@ -877,7 +1002,7 @@ void Mmu::write_protect(const Memslot& slot, Gfn base, uint64_t mask) {
         }
         if (!spte::is_leaf(e)) break;
         if (l > 1) {
-          n = im.split_leaf(n, idx, l, false);
+          n = im.split_leaf(n, idx, l, gfn & ~(spt_pages(l) - 1), false);
           im.batch_needs_flush = true;
           continue;
         }
@@ -955,7 +1080,7 @@ uint64_t Mmu::count_mapped(unsigned as_id, Gfn start, Gfn end) const {
 }
 
 uint64_t Mmu::metadata_bytes() const {
-  uint64_t bytes = impl_->nr_nodes.load(std::memory_order_relaxed) * sizeof(SptNode) +
+  uint64_t bytes = impl_->nr_resident.load(std::memory_order_relaxed) * detail::kSptNodeBytes +
                    impl_->nr_scatter.load(std::memory_order_relaxed) * sizeof(SptScatter);
   impl_->lock_mmu();
   bytes += impl_->pfn_overflow.size() * 48;  // node + key + value, approximately

@@ -45,7 +45,10 @@ struct Mmu::Impl {
   std::vector<Vcpu*> vcpus;
   std::vector<std::pair<Vcpu*, uint64_t>> waits;  // flush scratch: vCPUs in a window, their seq
   std::unordered_map<const void*, uint64_t> pfn_overflow;  // &node->e[i] -> pfn
-  // Unlinked but maybe still read by a vCPU in an access window: freed by the next flush.
+  // Chunks of tables of levels 2..4 (table.h); blocks are reached from their level-2 table.
+  std::vector<detail::SptChunk*> pool;
+  // Unlinked tables of levels 2..4 that a vCPU in an access window may still read: freed by
+  // the next flush. (A level-1 table is zeroed when unlinked and reused at once: see SptNode.)
   std::vector<std::pair<detail::SptNode*, int>> retired_nodes;  // node, its level
   std::vector<detail::SptScatter*> retired_scatter;
   bool batch_locked = false;     // begin_batch took the lock
@@ -55,7 +58,9 @@ struct Mmu::Impl {
   // Bumped (before the flush that frees them) whenever tables are retired: vCPUs drop their
   // cached level-2 table pointers when it changes.
   std::atomic<uint64_t> table_epoch{0};
-  std::atomic<uint64_t> nr_nodes{0};
+  std::atomic<uint64_t> nr_nodes{0};      // tables linked now
+  std::atomic<uint64_t> nr_resident{0};   // chunk slots that hold memory (kSptNodeBytes each)
+  std::atomic<uint64_t> nr_chunks{0};
   std::atomic<uint64_t> nr_scatter{0};
 
   // ---- Counters (relaxed).
@@ -78,15 +83,27 @@ struct Mmu::Impl {
     bool flush = false;
     uint64_t zapped = 0;
   };
-  detail::SptNode* alloc_node();
+  // A new empty table of level 2..4 (a level-2 table comes with its block).
+  detail::SptNode* alloc_table(int level);
+  // The level-1 table for entry idx of level-2 table l2 (all zero; the caller links it).
+  detail::SptNode* alloc_l1(detail::SptNode* l2, unsigned idx);
+  // A level-1 table unlinked from its level-2 entry: zeroed now (vCPUs reading the flat array
+  // then miss) and free for reuse.
+  void release_l1(detail::SptNode* node);
+  // A retired table of level 2..4 after the flush (a level-2 table's block goes with it).
+  void free_table(detail::SptNode* node, int level);
   void set_leaf_pfn(detail::SptNode* node, unsigned idx, uint64_t pfn, uint64_t* e);
   uint64_t leaf_pfn(const detail::SptNode* node, unsigned idx, uint64_t e) const;
   void drop_leaf(detail::SptNode* node, unsigned idx, uint64_t e);
-  void retire_subtree(detail::SptNode* node, int level, ZapCtx& ctx);
+  // Unlinks the subtree's bookkeeping (leaves dropped); levels 2..4 are retired until the
+  // flush, a level-1 table is released at once unless its level-2 table goes too (in_retired).
+  void retire_subtree(detail::SptNode* node, int level, ZapCtx& ctx, bool in_retired = false);
   void zap_node(detail::SptNode* node, int level, uint64_t base, uint64_t start, uint64_t end,
                 ZapCtx& ctx);
   void zap_range(unsigned as_id, uint64_t start, uint64_t end, ZapCtx& ctx);
-  detail::SptNode* split_leaf(detail::SptNode* node, unsigned idx, int level, bool write_protect);
+  // leaf_gfn: the first gfn the huge leaf maps.
+  detail::SptNode* split_leaf(detail::SptNode* node, unsigned idx, int level, uint64_t leaf_gfn,
+                              bool write_protect);
   template <class Fn>  // fn(node, idx, e, level, leaf_gfn) for every leaf overlapping [start,end)
   void for_each_leaf(detail::SptNode* node, int level, uint64_t base, uint64_t start,
                      uint64_t end, Fn& fn);

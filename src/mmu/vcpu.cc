@@ -1,6 +1,7 @@
 // gfnmap MMU: the software vCPU. Guest accesses walk the second-level table lock-free inside an
 // access window, fix dirty-log write faults lock-free, and fault everything else in.
 #include <algorithm>
+#include <cassert>
 #include <cerrno>
 #include <cstring>
 #include <thread>
@@ -232,27 +233,128 @@ bool Vcpu::wait_async_pf(long timeout_ms) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The out-of-line table hit: the region cache and every leaf kind.
+
+namespace {
+
+// The leaf for gfn below level-2 table l2, through its flat level-1 array first. *level is the
+// leaf's level; 0 when no leaf maps gfn.
+uint64_t region_leaf(detail::SptNode* l2, const detail::SptEntry* l1, uint64_t gfn, int* level) {
+  const uint64_t e1 = l1[gfn & (detail::kSptRegionPages - 1)].load(std::memory_order_acquire);
+  if (e1 != 0) {
+    *level = 1;
+    return e1;
+  }
+  const uint64_t e2 = l2->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
+  *level = 2;
+  return spte::is_leaf(e2) ? e2 : 0;
+}
+
+// The level-2 table of gfn's region from the top levels; nullptr when there is none (nothing
+// mapped, or a 1G leaf).
+detail::SptNode* walk_to_l2(detail::SptNode* root, uint64_t gfn) {
+  const uint64_t e4 = root->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
+  if (!(e4 & spte::kTable)) return nullptr;
+  const uint64_t e3 =
+      detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(std::memory_order_acquire);
+  return (e3 & spte::kTable) ? detail::spt_child(e3) : nullptr;
+}
+
+template <bool kWrite>
+constexpr uint64_t kFullNeed = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
+                                         spte::kDirty)
+                                      : (spte::kPresent | spte::kAccessed);
+
+// The access through leaf e (any level), when it has the bits; inside the caller's window.
+template <bool kWrite>
+bool leaf_access(uint64_t e, int level, Gpa gpa, uint64_t* value) {
+  if (level == 0 || (e & (kFullNeed<kWrite> | spte::kTable)) != kFullNeed<kWrite>) return false;
+  std::byte* p = spt_leaf_ptr(e, level, gpa.value >> kPageShift) + (gpa.value & (kPageSize - 1));
+  if constexpr (kWrite) {
+    std::memcpy(p, value, sizeof(uint64_t));
+  } else {
+    std::memcpy(value, p, sizeof(uint64_t));
+  }
+  return true;
+}
+
+}  // namespace
+
+template <bool kWrite>
+bool Vcpu::fast_u64_full(Gpa gpa, uint64_t* value) {
+  const uint64_t off = gpa.value & (kPageSize - 1);
+  const uint64_t gfn = gpa.value >> kPageShift;
+  if (off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn || ring_full_) return false;
+  if (kWrite && id_ == Mmu::kVmmVcpuId) return false;  // VMM writes are always logged
+  const uint64_t s = enter_access_window();
+  const uint64_t epoch = table_epoch_->load(std::memory_order_relaxed);
+  if (gfn - l1_base_ >= detail::kSptRegionPages || epoch != l1_epoch_) {
+    // Refill the region cache from the top levels (or drop it: a 1G leaf, nothing mapped).
+    l2_node_ = walk_to_l2(root_, gfn);
+    l1_base_ = l2_node_ != nullptr ? gfn & ~(detail::kSptRegionPages - 1) : kNoBase;
+    l1_ = l2_node_ != nullptr ? detail::spt_region_entries(l2_node_) : nullptr;
+    l1_epoch_ = epoch;
+  }
+  bool hit;
+  int level = 0;
+  if (l2_node_ != nullptr) {
+    const uint64_t e = region_leaf(l2_node_, l1_, gfn, &level);
+    hit = leaf_access<kWrite>(e, level, gpa, value);
+  } else {
+    const detail::SptWalk w = spt_walk(root_, gfn);
+    hit = leaf_access<kWrite>(w.e, spte::is_leaf(w.e) ? w.level : 0, gpa, value);
+  }
+  leave_access_window(s);
+  return hit;
+}
+
+template bool Vcpu::fast_u64_full<false>(Gpa, uint64_t*);
+template bool Vcpu::fast_u64_full<true>(Gpa, uint64_t*);
+
+// ---------------------------------------------------------------------------------------------
 // GuestMode.
 
-// The key (and so any kick) is reset before the window opens (the window's release store orders
-// the two): a flush that sees the new window kicks after this reset, so the kick cannot be lost;
-// a kick left from an earlier window costs one spurious re-entry.
+Vcpu::GuestMode::GuestMode(Vcpu& vcpu) : vcpu_(vcpu) {
+  [[maybe_unused]] std::atomic<uint64_t>* prev =
+      vcpu_.guest_kick_.exchange(&base_, std::memory_order_seq_cst);
+  assert(prev == nullptr && "two GuestModes on one Vcpu");
+  enter();
+}
+
+Vcpu::GuestMode::~GuestMode() {
+  if (inside_) leave();
+  vcpu_.guest_kick_.store(nullptr, std::memory_order_seq_cst);
+  while (vcpu_.kicking_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
+}
+
+// Under the MMU lock (one flush at a time), with this vCPU in a window: the Dekker pair with
+// ~GuestMode (see Vcpu::guest_kick_).
+void Vcpu::kick_guest_mode() {
+  kicking_.store(1, std::memory_order_seq_cst);
+  if (std::atomic<uint64_t>* base = guest_kick_.load(std::memory_order_seq_cst)) {
+    base->store(GuestMode::kKicked, std::memory_order_relaxed);
+  }
+  kicking_.store(0, std::memory_order_release);
+}
+
+// The base (and so any kick) is reset before the window opens (the window's release store
+// orders the two): a flush that sees the new window kicks after this reset, so the kick cannot
+// be lost; a kick left from an earlier window is overwritten (that window has ended).
 void Vcpu::GuestMode::enter() {
   Vcpu& v = vcpu_;
-  key_->store(kGuestNoKey, std::memory_order_relaxed);
+  base_.store(kNoBase, std::memory_order_relaxed);
   v.guest_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   seq_ = v.enter_access_window();
   inside_ = true;
-  l2_ = nullptr;
   // KVM_RUN entry check, as access_range does: a soft-full ring lets nothing run.
   v.ring_full_ = v.ring_ != nullptr && v.ring_->soft_full();
   ring_full_ = v.ring_full_;
   writes_ = v.id_ != Mmu::kVmmVcpuId;
 }
 
-// The key is reset first, so the inline hit misses while outside.
+// The base is reset first, so the inline hit misses while outside.
 void Vcpu::GuestMode::leave() {
-  key_->store(kGuestNoKey, std::memory_order_relaxed);
+  base_.store(kNoBase, std::memory_order_relaxed);
   vcpu_.guest_thread_.store(std::thread::id{}, std::memory_order_relaxed);
   inside_ = false;
   vcpu_.leave_access_window(seq_);
@@ -263,47 +365,37 @@ bool Vcpu::GuestMode::hit_full(Gpa gpa, uint64_t* value) {
   const uint64_t off = gpa.value & (kPageSize - 1);
   const uint64_t gfn = gpa.value >> kPageShift;
   if (!inside_) enter();  // outside since an exit
-  uint64_t key = key_->load(std::memory_order_relaxed);
+  uint64_t base = base_.load(std::memory_order_relaxed);
   for (;;) {
-    if (key == kGuestKicked) {
+    if (base == kKicked) {
       leave();  // the flush waiting for this window goes on
       enter();
-      key = kGuestNoKey;
+      base = kNoBase;
     }
     if (ring_full_ || off > kPageSize - sizeof(uint64_t) || gfn >= kMmuMaxGfn ||
         (kWrite && !writes_)) {
-      return false;  // (the key stays unmatched while the ring is full)
+      return false;  // (the base stays unmatched while the ring is full)
     }
-    if ((gfn >> 18) == key) break;
-    // Refill the level-2 cache from the top levels (valid until this window ends).
-    const uint64_t e4 = vcpu_.root_->e[detail::spt_index(gfn, 4)].load(std::memory_order_acquire);
-    if (!(e4 & spte::kTable)) return false;
-    const uint64_t e3 =
-        detail::spt_child(e4)->e[detail::spt_index(gfn, 3)].load(std::memory_order_acquire);
-    if (!(e3 & spte::kTable)) return false;  // none, or a 1G leaf: the Vcpu's path
-    if (key_->compare_exchange_strong(key, gfn >> 18, std::memory_order_relaxed)) {
-      l2_ = detail::spt_child(e3);
+    if (gfn - base < detail::kSptRegionPages) break;
+    // Refill the region cache from the top levels (valid until this window ends). l1_ and l2_
+    // are this thread's; base_ publishes them to its own later hits only.
+    detail::SptNode* l2 = walk_to_l2(vcpu_.root_, gfn);
+    if (l2 == nullptr) {
+      // Nothing cached: a 1G leaf (or nothing) maps the region; walk from the root.
+      const detail::SptWalk w = spt_walk(vcpu_.root_, gfn);
+      return leaf_access<kWrite>(w.e, spte::is_leaf(w.e) ? w.level : 0, gpa, value);
+    }
+    l2_ = l2;
+    l1_ = detail::spt_region_entries(l2);
+    if (base_.compare_exchange_strong(base, gfn & ~(detail::kSptRegionPages - 1),
+                                      std::memory_order_relaxed)) {
       break;
     }
-    // A kick came in between (key now holds it).
+    // A kick came in between (base now holds it).
   }
-  constexpr uint64_t need = kWrite ? (spte::kPresent | spte::kWritable | spte::kAccessed |
-                                      spte::kDirty)
-                                   : (spte::kPresent | spte::kAccessed);
-  uint64_t e = l2_->e[detail::spt_index(gfn, 2)].load(std::memory_order_acquire);
-  int level = 2;
-  if (e & spte::kTable) {
-    e = detail::spt_child(e)->e[detail::spt_index(gfn, 1)].load(std::memory_order_acquire);
-    level = 1;
-  }
-  if ((e & (need | spte::kTable)) != need) return false;
-  std::byte* p = spt_leaf_ptr(e, level, gfn) + off;
-  if constexpr (kWrite) {
-    std::memcpy(p, value, sizeof(uint64_t));
-  } else {
-    std::memcpy(value, p, sizeof(uint64_t));
-  }
-  return true;
+  int level = 0;
+  const uint64_t e = region_leaf(l2_, l1_, gfn, &level);
+  return leaf_access<kWrite>(e, level, gpa, value);
 }
 
 template bool Vcpu::GuestMode::hit_full<false>(Gpa, uint64_t*);

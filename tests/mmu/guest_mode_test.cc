@@ -213,5 +213,78 @@ TEST_F(MmuTest, GuestMode_CachedTableNeverOutlivesItsRetirement) {
   EXPECT_EQ(balance_gap(), 0u);
 }
 
+// The flat level-1 array of a region holds no leaf under a huge leaf: the 4K leaves a split
+// made are zeroed when they are unlinked (here when logging is turned off), so a hit never goes
+// through one after the 2M leaf is back. Aging the 2M leaf then makes the hit miss; a stale 4K
+// entry (still accessed) would let it through without the accessed bit being set again.
+TEST_F(MmuTest, GuestMode_FlatArrayHoldsNoLeafUnderAHugeLeaf) {
+  MmapOptions o;
+  o.backing = PageBacking::kThp;
+  Hva hva = map(k2M, kProtRW, VmaKind::kAnonPrivate, o);
+  add_slot(0, kGpa, k2M, hva);
+  Vcpu& v = vcpu();
+  const Gfn g0(kGpa >> kPageShift);
+  ASSERT_TRUE(v.write_u64(Gpa(kGpa + 5 * kPageSize), 5).ok());
+  ASSERT_EQ(mmu_->lookup(0, g0).level, PgLevel::k2M);
+  uint64_t x = 0;
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa + 5 * kPageSize), &x)) << "a 2M leaf hits out of line";
+    EXPECT_EQ(x, 5u);
+  }
+  ASSERT_TRUE(set_region(0, kGpa, k2M, hva, kMemLogDirtyPages).ok());  // split: 4K leaves
+  ASSERT_EQ(mmu_->lookup(0, g0 + 5).level, PgLevel::k4K);
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_TRUE(gm.try_read_u64(Gpa(kGpa + 5 * kPageSize), &x)) << "the split's 4K leaf";
+    EXPECT_FALSE(gm.try_write_u64(Gpa(kGpa + 5 * kPageSize), 6)) << "write-protected for logging";
+  }
+  ASSERT_TRUE(set_region(0, kGpa, k2M, hva, 0).ok());  // zaps the 4K leaves
+  ASSERT_TRUE(v.read_u64(Gpa(kGpa + 5 * kPageSize), &x).ok());
+  ASSERT_EQ(mmu_->lookup(0, g0 + 5).level, PgLevel::k2M) << "huge mapping came back";
+  EXPECT_TRUE(mmu_->clear_young(hva, hva + k2M));
+  {
+    Vcpu::GuestMode gm(v);
+    EXPECT_FALSE(gm.try_read_u64(Gpa(kGpa + 5 * kPageSize), &x))
+        << "hit through a 4K entry left in the flat array under the aged 2M leaf";
+    ASSERT_TRUE(gm.read_u64(Gpa(kGpa + 5 * kPageSize), &x).ok());
+    EXPECT_EQ(x, 5u);
+  }
+  EXPECT_TRUE(mmu_->test_young(hva, hva + k2M)) << "the read made the 2M leaf young again";
+  EXPECT_EQ(balance_gap(), 0u);
+}
+
+// A kick never lands in a GuestMode that is gone: one thread creates and destroys GuestModes
+// (a few hits each) while another flushes all the time. Under ASan a late kick would be a
+// stack use after scope; anywhere, a lost one would hang the flusher.
+TEST_F(MmuTest, GuestMode_KicksRaceItsDestruction) {
+  Hva hva = map(16 * kPageSize);
+  add_slot(0, kGpa, 16 * kPageSize, hva);
+  Vcpu& v = vcpu();
+  for (uint64_t i = 0; i < 16; ++i) ASSERT_TRUE(v.write_u64(Gpa(kGpa + i * kPageSize), i).ok());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> flushes{0};
+  std::thread flusher([&] {
+    while (!stop.load()) {
+      ASSERT_TRUE(host_.discard(hva + 15 * kPageSize, kPageSize).ok());  // zap + flush
+      flushes.fetch_add(1);
+    }
+  });
+  uint64_t modes = 0;
+  for (; modes < 20000 || flushes.load() < 200; ++modes) {
+    Vcpu::GuestMode gm(v);
+    uint64_t x = 0;
+    for (uint64_t i = 0; i < 4; ++i) {
+      if (gm.try_read_u64(Gpa(kGpa + i * kPageSize), &x)) {
+        EXPECT_EQ(x, i);
+      }
+    }
+  }
+  stop.store(true);
+  flusher.join();
+  EXPECT_GE(flushes.load(), 200u);
+  EXPECT_EQ(balance_gap(), 0u);
+}
+
 }  // namespace
 }  // namespace gfnmap::test

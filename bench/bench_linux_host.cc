@@ -82,22 +82,35 @@ void BM_Floor_MadvPopulateWritePerPage1G(benchmark::State& state) {
 }
 BENCHMARK(BM_Floor_MadvPopulateWritePerPage1G)->Iterations(1)->Unit(benchmark::kMillisecond);
 
+// Fault-around as one benchmark argument: 0 off (one page per fault, KVM's GUP), 1 sequential
+// (LinuxHost's default), N >= 2 a fixed aligned window of N pages.
+void set_fault_around(LinuxHost::Options& opt, int64_t arg) {
+  opt.fault_around = arg == 0   ? FaultAround::kOff
+                     : arg == 1 ? FaultAround::kSequential
+                                : FaultAround::kFixed;
+  if (arg >= 2) opt.fault_around_pages = static_cast<uint32_t>(arg);
+}
+std::string fault_around_label(int64_t arg) {
+  return arg == 0 ? "fault-around off" : arg == 1 ? "sequential fault-around"
+                                                  : "fault-around " + std::to_string(arg);
+}
+
 // faultin_pfn (write) of every page of a 1 GiB slot on LinuxHost, each released dirty, as the
 // MMU does. Arg 0: pfns from /proc/self/pagemap (one extra pread per page; 1: virtual pfns).
-// Arg 1: LinuxHost::Options::fault_around_pages (0: off, the default).
+// Arg 1: fault-around (set_fault_around).
 void BM_FaultinPfn1G(benchmark::State& state) {
   warm_up();
   LinuxHost::Options opt;
   opt.pfn_source = state.range(0) ? PfnSource::kVirtual : PfnSource::kAuto;
-  opt.fault_around_pages = static_cast<uint32_t>(state.range(1));
+  set_fault_around(opt, state.range(1));
   auto host = LinuxHost::create(opt);
   if (!host.ok()) {
     state.SkipWithError("LinuxHost::create failed");
     return;
   }
   LinuxHost& mm = **host;
-  state.SetLabel(std::string(mm.pfns_are_physical() ? "pagemap pfns" : "virtual pfns") +
-                 ", fault-around " + std::to_string(state.range(1)));
+  state.SetLabel(std::string(mm.pfns_are_physical() ? "pagemap pfns" : "virtual pfns") + ", " +
+                 fault_around_label(state.range(1)));
   for (auto _ : state) {
     state.PauseTiming();
     RegionSpec spec;
@@ -126,6 +139,8 @@ void BM_FaultinPfn1G(benchmark::State& state) {
 BENCHMARK(BM_FaultinPfn1G)
     ->Args({0, 0})
     ->Args({1, 0})
+    ->Args({0, 1})
+    ->Args({1, 1})
     ->Args({0, 16})
     ->Args({0, 64})
     ->Iterations(1)
@@ -136,15 +151,15 @@ BENCHMARK(BM_FaultinPfn1G)
 void BM_HostGup1G(benchmark::State& state) {
   warm_up();
   LinuxHost::Options opt;
-  opt.fault_around_pages = static_cast<uint32_t>(state.range(0));
+  set_fault_around(opt, state.range(0));
   auto host = LinuxHost::create(opt);
   if (!host.ok()) {
     state.SkipWithError("LinuxHost::create failed");
     return;
   }
   LinuxHost& mm = **host;
-  state.SetLabel(std::string(mm.pfns_are_physical() ? "pagemap pfns" : "virtual pfns") +
-                 ", fault-around " + std::to_string(state.range(0)));
+  state.SetLabel(std::string(mm.pfns_are_physical() ? "pagemap pfns" : "virtual pfns") + ", " +
+                 fault_around_label(state.range(0)));
   for (auto _ : state) {
     state.PauseTiming();
     RegionSpec spec;
@@ -168,7 +183,7 @@ void BM_HostGup1G(benchmark::State& state) {
   }
   set_page_counters(state, kGiB / kPageSize);
 }
-BENCHMARK(BM_HostGup1G)->Arg(0)->Arg(64)->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_HostGup1G)->Arg(0)->Arg(1)->Arg(64)->Iterations(1)->Unit(benchmark::kMillisecond);
 
 // Fast-path hit: HostMm::get_user_page_fast_only + put_page on a populated page.
 void BM_FastPathHit(benchmark::State& state) {

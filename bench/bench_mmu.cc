@@ -38,14 +38,17 @@ struct Guest {
   Hva base;
   uint64_t bytes = 0;
 
-  // fault_around: LinuxHost::Options::fault_around_pages; pte_prefetch: MmuOptions; manual:
-  // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on the dirty log (before any slot exists).
+  // fault_around: LinuxHost's policy, with fault_around_pages for kFixed (the default options:
+  // sequential); pte_prefetch: MmuOptions; manual: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on the
+  // dirty log (before any slot exists).
   bool init(uint64_t size, unsigned nr_slots, RegionKind kind, benchmark::State& state,
-            uint32_t fault_around = 0, bool pte_prefetch = false, bool manual = false) {
+            FaultAround fault_around = FaultAround::kSequential, uint32_t fault_around_pages = 0,
+            bool pte_prefetch = false, bool manual = false) {
     bytes = size;
     LinuxHost::Options lo;
     lo.pfn_source = PfnSource::kVirtual;  // pfns are labels here; no pagemap pread per fault
-    lo.fault_around_pages = fault_around;
+    lo.fault_around = fault_around;
+    if (fault_around_pages != 0) lo.fault_around_pages = fault_around_pages;
     auto h = LinuxHost::create(lo);
     if (!h) {
       state.SkipWithError("LinuxHost unavailable");
@@ -261,39 +264,46 @@ BENCHMARK(BM_FaultIn1G_PopulateWritePerPageFloor4K)->UseManualTime()->Iterations
 BENCHMARK(BM_FaultIn1G_PopulateWriteFloorThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
 // gfnmap: first-touch write of every page of 1 GiB through Vcpu::write_u64.
-void fault_in(benchmark::State& state, RegionKind kind, uint32_t fault_around = 0,
+void fault_in(benchmark::State& state, RegionKind kind,
+              FaultAround fault_around = FaultAround::kSequential, uint32_t fault_around_pages = 0,
               bool pte_prefetch = false) {
   double metadata_pct = 0;
   uint64_t faults = 0;
+  uint64_t ahead = 0;
   for (auto _ : state) {
     Guest g;
-    if (!g.init(kGiB, 1, kind, state, fault_around, pte_prefetch)) return;
+    if (!g.init(kGiB, 1, kind, state, fault_around, fault_around_pages, pte_prefetch)) return;
     auto t0 = std::chrono::steady_clock::now();
     g.touch_all();
     auto t1 = std::chrono::steady_clock::now();
     state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
     metadata_pct = 100.0 * static_cast<double>(g.mmu->metadata_bytes()) / static_cast<double>(kGiB);
     faults += g.mmu->stats().faults;
+    ahead += g.host->stats().populated_ahead;
   }
+  const double pages = static_cast<double>(state.iterations() * (kGiB / kPageSize));
   state.counters["ns_per_page"] = ns_per_page(state);
   state.counters["metadata_pct"] = metadata_pct;
-  state.counters["faults_per_page"] = static_cast<double>(faults) /
-                                      static_cast<double>(state.iterations() * (kGiB / kPageSize));
+  state.counters["faults_per_page"] = static_cast<double>(faults) / pages;
+  // Host system calls per page: 1 without fault-around, 1/window with it.
+  state.counters["populates_per_page"] = 1.0 - static_cast<double>(ahead) / pages;
 }
+// The defaults: LinuxHost's sequential fault-around, no PTE prefetch.
 void BM_FaultIn1G_Gfnmap4K(benchmark::State& s) { fault_in(s, RegionKind::kAnonymous); }
+// KVM's shape: one GUP (one MADV_POPULATE_WRITE) per fault.
+void BM_FaultIn1G_Gfnmap4KFaultAroundOff(benchmark::State& s) {
+  fault_in(s, RegionKind::kAnonymous, FaultAround::kOff);
+}
 void BM_FaultIn1G_GfnmapThp(benchmark::State& s) { fault_in(s, RegionKind::kThp); }
-// LinuxHost's fault-around (64 pages per MADV_POPULATE_WRITE): not KVM's per-page GUP.
-void BM_FaultIn1G_Gfnmap4KFaultAround64(benchmark::State& s) {
-  fault_in(s, RegionKind::kAnonymous, 64);
-}
-// The same with the MMU's PTE prefetch (KVM's direct_pte_prefetch): the fault that populates a
-// window also maps the present neighbours of its aligned group of 8, so 7 of 8 pages take no
-// fault. range(0): LinuxHost fault-around pages.
+// A fixed fault-around window (range(0) pages) with the MMU's PTE prefetch (KVM's
+// direct_pte_prefetch): the fault that populates a window also maps the present neighbours of
+// its aligned group of 8, so 7 of 8 pages take no fault.
 void BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch(benchmark::State& s) {
-  fault_in(s, RegionKind::kAnonymous, static_cast<uint32_t>(s.range(0)), true);
+  fault_in(s, RegionKind::kAnonymous, FaultAround::kFixed, static_cast<uint32_t>(s.range(0)),
+           true);
 }
-BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAround64)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch)->Arg(64)->Arg(512)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundOff)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_Gfnmap4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_GfnmapThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
@@ -349,7 +359,10 @@ BENCHMARK(BM_DirtyLogGet1G)->Iterations(3)->Unit(benchmark::kMillisecond);
 // the 4K leaves + flush), as a migration round does. Floor: memcpy + memset of the bitmap.
 void BM_DirtyLogGetClear1G(benchmark::State& state) {
   Guest g;
-  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state, 0, false, /*manual=*/true)) return;
+  if (!g.init(kGiB, 1, RegionKind::kAnonymous, state, FaultAround::kSequential, 0, false,
+              /*manual=*/true)) {
+    return;
+  }
   g.touch_all();
   if (!enable_dirty_logging(g, state)) return;
   const uint64_t pages_per_slot = kGiB / kPageSize;

@@ -36,6 +36,14 @@ std::string_view to_string(RegionKind kind);
 // host virtual page number (hva >> 12). kAuto picks pagemap when its PFN bits are readable.
 enum class PfnSource { kAuto, kPagemap, kVirtual };
 
+// How many pages a slow-path fault on an anonymous or memfd region populates (LinuxHost::Options).
+enum class FaultAround : uint8_t {
+  kOff,         // the faulting page only, as KVM's GUP does
+  kSequential,  // readahead-style: ahead of sequential runs only (the default)
+  kFixed,       // the aligned window of fault_around_pages pages around every fault
+};
+std::string_view to_string(FaultAround policy);
+
 // What a lazily populated (userfaultfd) region needs from its page server. Implemented by
 // uffd::PageServer; LinuxHost never includes uffd.h.
 class LazyBacking {
@@ -84,6 +92,7 @@ struct LinuxHostStats {
   uint64_t interrupted = 0;
   uint64_t invalidations = 0;
   uint64_t bad_puts = 0;  // put_page of a page with no reference: a caller bug, never a crash
+  uint64_t populated_ahead = 0;  // pages fault-around populated beyond the faulting ones
 };
 
 namespace detail {
@@ -119,13 +128,27 @@ class LinuxHost final : public HostMm {
  public:
   struct Options {
     PfnSource pfn_source = PfnSource::kAuto;
-    // Fault-around for anonymous and memfd regions (0 or 1: off). A slow-path fault populates
-    // the aligned window of this many pages (a power of two, at most 512) around the page with
-    // one MADV_POPULATE call and one pagemap read, so the next faults in the window hit the
-    // fast path. It allocates memory nobody asked for yet (like the kernel's fault-around for
-    // file pages); meant for restores that touch everything. EINVAL if not a power of two.
-    uint32_t fault_around_pages = 0;
+    // Fault-around for anonymous and memfd regions: a slow-path fault populates a window of
+    // pages with its one MADV_POPULATE call (and one pagemap read), so that the next faults in
+    // the window take the system-call-free fast path. The window is never larger than
+    // fault_around_pages (a power of two, 2 to 512; EINVAL otherwise) and never leaves the
+    // region (nor a piece of it that mprotect split off).
+    //  - kSequential: readahead-style. A fault on the page where the last window of a run of
+    //    sequential faults ended populates twice that window (2, 4, ... pages from the faulting
+    //    page up); any other fault populates its own page only, as KVM's GUP does. Random or
+    //    strided access allocates nothing it does not touch; a sequential first touch (a guest
+    //    zeroing its memory, a restore) makes one system call per fault_around_pages pages and
+    //    allocates at most one window beyond the last page it touched. kFaultAroundStreams runs
+    //    per mapping are followed at a time (one per vCPU faulting in it, say).
+    //  - kFixed: every slow-path fault populates the aligned window of fault_around_pages around
+    //    its page (the kernel's fault-around for file pages): meant for restores that touch all.
+    //  - kOff: one page per fault.
+    // A write fault populates for write, a read fault for read (the zero page for anonymous
+    // memory: nothing is allocated ahead of reads).
+    FaultAround fault_around = FaultAround::kSequential;
+    uint32_t fault_around_pages = 64;
   };
+  static constexpr unsigned kFaultAroundStreams = 8;
   static Result<std::unique_ptr<LinuxHost>> create(Options options);
   static Result<std::unique_ptr<LinuxHost>> create() { return create(Options{}); }
   ~LinuxHost() override;
@@ -210,7 +233,10 @@ class LinuxHost final : public HostMm {
   int wait_interruptible(const detail::LinuxRegion& r, Hva hva, bool interruptible);
   uint64_t read_pfn(Hva hva, uint64_t* entry);
   void note_populated(const detail::LinuxRegion& r, Hva hva, bool write);
-  // Fault-around: populates [start, end) (inside r) and records every page. False on failure.
+  // Options::fault_around for a slow-path fault on pg: populates a window holding pg and records
+  // its pages; false when it populated nothing (the caller populates pg alone).
+  bool fault_around(const detail::LinuxRegion& r, Hva pg, bool write);
+  // Populates [start, end) (inside r) and records every page. False on failure.
   bool populate_window(const detail::LinuxRegion& r, Hva start, Hva end, bool write);
   PgLevel mapping_level_locked(const detail::LinuxRegion& r, Hva hva);
 
@@ -230,7 +256,7 @@ class LinuxHost final : public HostMm {
 
   mutable std::atomic<uint64_t> fast_hits_{0}, fast_misses_{0}, slow_calls_{0},
       populate_errors_{0}, nowait_needs_io_{0}, interrupted_{0}, invalidations_{0},
-      bad_puts_{0};
+      bad_puts_{0}, populated_ahead_{0};
 };
 
 }  // namespace gfnmap

@@ -516,28 +516,216 @@ TEST_F(LinuxHostTest, Row07_CowBreakOfAKnownReadOnlyPageRaisesInvalidation) {
   host->put_page(wr);
 }
 
-TEST(LinuxHostOptions, FaultAroundPopulatesTheWindow) {
-  auto bad = LinuxHost::create(LinuxHost::Options{PfnSource::kAuto, 3});
-  EXPECT_EQ(bad.code(), EINVAL);
-  auto h = LinuxHost::create(LinuxHost::Options{PfnSource::kAuto, 16});
-  ASSERT_TRUE(h.ok());
-  LinuxHost& host = **h;
+// ---------------------------------------------------------------------------------------------
+// Fault-around (LinuxHost::Options::fault_around).
+
+std::unique_ptr<LinuxHost> host_with(FaultAround policy, uint32_t pages = 64) {
+  LinuxHost::Options o;
+  o.fault_around = policy;
+  o.fault_around_pages = pages;
+  auto h = LinuxHost::create(o);
+  EXPECT_TRUE(h.ok()) << error_to_string(h.error());
+  return h.ok() ? std::move(*h) : nullptr;
+}
+
+RegionInfo region_of(LinuxHost& host, uint64_t pages, RegionKind kind = RegionKind::kAnonymous) {
   RegionSpec spec;
-  spec.size = 64 * kPageSize;
+  spec.kind = kind;
+  spec.size = pages * kPageSize;
   auto r = host.create_region(spec);
-  ASSERT_TRUE(r.ok());
-  const Hva window((r->start.value + 16 * kPageSize - 1) & ~(16 * kPageSize - 1));
-  Page page;
-  ASSERT_EQ(host.get_user_pages_unlocked(window + 3 * kPageSize, kFollWrite, &page), 1);
-  host.put_page(page);
-  for (uint64_t i = 0; i < 16; ++i) {
-    Page p;
-    ASSERT_TRUE(host.get_user_page_fast_only(window + i * kPageSize, kFollWrite, &p)) << i;
+  EXPECT_TRUE(r.ok()) << error_to_string(r.error());
+  return r.ok() ? *r : RegionInfo{};
+}
+
+// One access as the resolver makes it: the fast path, else the slow path. Returns whether the
+// slow path ran (and so whether the page had not been populated ahead).
+bool touch(LinuxHost& host, Hva hva, bool write = true) {
+  const FollFlags f = write ? kFollWrite : 0;
+  Page p;
+  if (host.get_user_page_fast_only(hva, f, &p)) {
     host.put_page(p);
+    return false;
   }
-  Page out;
-  EXPECT_FALSE(host.get_user_page_fast_only(window + 16 * kPageSize, kFollWrite, &out));
-  EXPECT_EQ(host.outstanding_refs(), 0u);
+  EXPECT_EQ(host.get_user_pages_unlocked(hva, f | kFollHwpoison, &p), 1) << hva.value;
+  host.put_page(p);
+  return true;
+}
+
+bool populated(LinuxHost& host, Hva hva, bool write = true) {
+  Page p;
+  if (!host.get_user_page_fast_only(hva, write ? kFollWrite : 0, &p)) return false;
+  host.put_page(p);
+  return true;
+}
+
+// Pages of [start, start + pages) the kernel has in memory (mincore).
+uint64_t resident(Hva start, uint64_t pages) {
+  std::vector<unsigned char> v(pages);
+  if (mincore(reinterpret_cast<void*>(start.value), pages * kPageSize, v.data()) != 0) return ~0ull;
+  uint64_t n = 0;
+  for (unsigned char b : v) n += b & 1;
+  return n;
+}
+
+TEST(LinuxHostFaultAround, BadOptionsAreEinval) {
+  for (uint32_t pages : {0u, 1u, 3u, 48u, 1024u}) {
+    LinuxHost::Options o;
+    o.fault_around_pages = pages;
+    auto h = LinuxHost::create(o);
+    EXPECT_EQ(h.code(), EINVAL) << pages;
+    EXPECT_NE(error_to_string(h.error()).find("power of two"), std::string::npos);
+  }
+  LinuxHost::Options o;
+  o.fault_around = static_cast<FaultAround>(7);
+  EXPECT_EQ(LinuxHost::create(o).code(), EINVAL);
+  EXPECT_EQ(LinuxHost::Options{}.fault_around, FaultAround::kSequential) << "the default";
+}
+
+TEST(LinuxHostFaultAround, FixedPopulatesTheAlignedWindow) {
+  auto host = host_with(FaultAround::kFixed, 16);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 64);
+  const Hva window((r.start.value + 16 * kPageSize - 1) & ~(16 * kPageSize - 1));
+  EXPECT_TRUE(touch(*host, window + 3 * kPageSize));
+  for (uint64_t i = 0; i < 16; ++i) EXPECT_TRUE(populated(*host, window + i * kPageSize)) << i;
+  EXPECT_FALSE(populated(*host, window + 16 * kPageSize));
+  EXPECT_EQ(host->stats().populated_ahead, 15u);
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+}
+
+// A sequential run doubles its window from the page where the last one ended (2, 4, ... up to
+// fault_around_pages), and stops at the region's end: 10 slow-path faults for 256 pages.
+TEST(LinuxHostFaultAround, SequentialRunDoublesItsWindowUpToTheLimit) {
+  auto host = host_with(FaultAround::kSequential, 64);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 256);
+  std::vector<uint64_t> slow;
+  for (uint64_t i = 0; i < 256; ++i) {
+    if (touch(*host, r.start + i * kPageSize)) slow.push_back(i);
+    if (i == 10) {
+      // After page 10 the run's last window is [7, 15): nothing beyond is populated, nor in memory.
+      EXPECT_TRUE(populated(*host, r.start + 14 * kPageSize));
+      EXPECT_FALSE(populated(*host, r.start + 15 * kPageSize));
+      EXPECT_EQ(resident(r.start + 15 * kPageSize, 256 - 15), 0u);
+    }
+  }
+  EXPECT_EQ(slow, (std::vector<uint64_t>{0, 1, 3, 7, 15, 31, 63, 127, 191, 255}));
+  EXPECT_EQ(host->stats().populated_ahead, 256u - slow.size());
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+}
+
+// Random (and strided) faults never continue a run: each populates its own page, as KVM's GUP.
+TEST(LinuxHostFaultAround, NonSequentialFaultsPopulateOnlyTheirPage) {
+  auto host = host_with(FaultAround::kSequential, 64);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 256);
+  const uint64_t order[] = {10, 50, 30, 70, 20, 90, 12, 14, 16, 200, 100};
+  for (uint64_t i : order) EXPECT_TRUE(touch(*host, r.start + i * kPageSize)) << i;
+  EXPECT_EQ(host->stats().populated_ahead, 0u);
+  EXPECT_EQ(resident(r.start, 256), std::size(order)) << "only the touched pages are allocated";
+  EXPECT_FALSE(populated(*host, r.start + 11 * kPageSize));
+}
+
+// Two vCPUs each touching their own half of one region: both runs are followed.
+TEST(LinuxHostFaultAround, InterleavedRunsRampSeparately) {
+  auto host = host_with(FaultAround::kSequential, 64);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 512);
+  uint64_t slow = 0;
+  for (uint64_t i = 0; i < 256; ++i) {
+    slow += touch(*host, r.start + i * kPageSize);
+    slow += touch(*host, r.start + (256 + i) * kPageSize);
+  }
+  EXPECT_EQ(slow, 20u) << "10 slow-path faults per run, as for one run alone";
+}
+
+TEST(LinuxHostFaultAround, OffPopulatesOnePagePerFault) {
+  auto host = host_with(FaultAround::kOff);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 64);
+  for (uint64_t i = 0; i < 64; ++i) EXPECT_TRUE(touch(*host, r.start + i * kPageSize)) << i;
+  EXPECT_EQ(host->stats().populated_ahead, 0u);
+}
+
+// A window never leaves the piece of the region the fault is in: a PROT_NONE piece after it is
+// not populated and still gives EFAULT, and a read run populates for read (the zero page).
+TEST(LinuxHostFaultAround, WindowStaysInsideItsPieceAndItsAccessKind) {
+  auto host = host_with(FaultAround::kSequential, 64);
+  ASSERT_TRUE(host);
+  RegionInfo r = region_of(*host, 128);
+  ASSERT_TRUE(host->protect(r.start + 40 * kPageSize, 88 * kPageSize, PROT_NONE).ok());
+  for (uint64_t i = 0; i < 40; ++i) (void)touch(*host, r.start + i * kPageSize);
+  EXPECT_EQ(resident(r.start + 40 * kPageSize, 88), 0u);
+  Page p;
+  EXPECT_EQ(host->get_user_pages_unlocked(r.start + 40 * kPageSize, kFollWrite, &p), -EFAULT);
+  EXPECT_EQ(host->stats().populated_ahead, 40u - 6) << "slow at 0, 1, 3, 7, 15, 31 (then [31, 40))";
+
+  RegionInfo rd = region_of(*host, 64);
+  uint64_t slow = 0;
+  for (uint64_t i = 0; i < 64; ++i) slow += touch(*host, rd.start + i * kPageSize, false);
+  EXPECT_EQ(slow, 7u);
+  EXPECT_FALSE(populated(*host, rd.start + 5 * kPageSize, /*write=*/true))
+      << "read-ahead mapped the zero page, read-only";
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+}
+
+// A write window stops at a page known present read-only (here the zero page a read mapped):
+// populating it for write would replace that page under its translations unannounced. The
+// write that reaches it breaks it the announced way (an invalidation covering the page).
+TEST(LinuxHostFaultAround, WriteWindowStopsAtAReadOnlyPage) {
+  for (FaultAround policy : {FaultAround::kSequential, FaultAround::kFixed}) {
+    SCOPED_TRACE(std::string(to_string(policy)));
+    auto host = host_with(policy, 16);
+    ASSERT_TRUE(host);
+    RecordingNotifier notifier;
+    host->register_notifier(&notifier);
+    RegionInfo r = region_of(*host, 64);
+    const Hva window((r.start.value + 16 * kPageSize - 1) & ~(16 * kPageSize - 1));
+    EXPECT_TRUE(touch(*host, window + 5 * kPageSize, /*write=*/false));  // the zero page
+    // Read-only now: page 5 (sequential: a new run populates its page alone), or the whole
+    // aligned window (fixed: reads populate around too).
+    std::vector<bool> read_only(16);
+    for (uint64_t i = 0; i < 16; ++i) {
+      const Hva h = window + i * kPageSize;
+      read_only[i] = populated(*host, h, false) && !populated(*host, h, true);
+    }
+    EXPECT_TRUE(read_only[5]);
+    EXPECT_EQ(read_only[4], policy == FaultAround::kFixed);
+    for (uint64_t i = 0; i < 16; ++i) (void)touch(*host, window + i * kPageSize);
+    for (uint64_t i = 0; i < 16; ++i) {
+      EXPECT_EQ(notifier.covered(window.value + i * kPageSize), read_only[i])
+          << "page " << i << ": a read-only translation must die with an invalidation, and"
+          << " only such a page needs one";
+      EXPECT_TRUE(populated(*host, window + i * kPageSize, true)) << i;
+    }
+    EXPECT_EQ(notifier.in_progress, 0);
+    host->unregister_notifier(&notifier);
+    EXPECT_EQ(host->outstanding_refs(), 0u);
+  }
+}
+
+// A window whose populate fails (here it crosses the end of the memfd: SIGBUS there) falls back
+// to the faulting page alone; every page before the end is still served, the first one past it
+// gives EFAULT, and nothing past it was populated.
+TEST(LinuxHostFaultAround, FailedWindowFallsBackToThePage) {
+  auto host = host_with(FaultAround::kSequential, 64);
+  ASSERT_TRUE(host);
+  const int fd = memfd_create("gfnmap-fault-around", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 20 * kPageSize), 0);
+  RegionSpec spec;
+  spec.kind = RegionKind::kMemfdShared;
+  spec.size = 64 * kPageSize;
+  spec.fd = fd;
+  auto r = host->create_region(spec);
+  ASSERT_TRUE(r.ok()) << error_to_string(r.error());
+  for (uint64_t i = 0; i < 20; ++i) (void)touch(*host, r->start + i * kPageSize);
+  Page p;
+  EXPECT_EQ(host->get_user_pages_unlocked(r->start + 20 * kPageSize, kFollWrite, &p), -EFAULT);
+  EXPECT_LT(host->stats().populated_ahead, 20u);
+  EXPECT_EQ(host->outstanding_refs(), 0u);
+  (void)host->unregister_region(r->start);
+  close(fd);
 }
 
 // The errnos MADV_POPULATE_* gives on this kernel (MACHINE.md), which the slow path classifies.

@@ -115,7 +115,12 @@ class SideBySide {
     if (!kv) return "create_vcpu: " + error_to_string(kv.error());
     kvcpu_ = std::move(*kv);
 
-    auto host = LinuxHost::create();
+    // The real guest's backing is populated only by its own faults (the kernel has no
+    // fault-around for anonymous memory), so gfnmap's host must not populate ahead either:
+    // which pages are host-writable decides what a read fault maps writable and logs (G1).
+    LinuxHost::Options ho;
+    ho.fault_around = FaultAround::kOff;
+    auto host = LinuxHost::create(ho);
     if (!host) return "LinuxHost::create: " + error_to_string(host.error());
     host_ = std::move(*host);
     slots_ = std::make_unique<Memslots>(sys_->memslots_config());

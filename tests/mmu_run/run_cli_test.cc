@@ -158,7 +158,9 @@ TEST_F(RunCli, BadUsage_ExitsTwoWithAMessage) {
         "--max-level 512g", "--backend nope", "--snapshot /nonexistent",
         "--backing uffd --snapshot /nonexistent/snap --backend engine",
         "--backing model --backend kvm", "--backing model --backend both",
-        "--memory 2G --backend kvm", "--file x --backing anon"}) {
+        "--memory 2G --backend kvm", "--file x --backing anon", "--fault-around 48",
+        "--fault-around 1", "--fault-around 1024", "--fault-around always",
+        "--fault-around 64x"}) {
     RunOutput r = run(args);
     EXPECT_EQ(r.status, 2) << args << "\n" << r.out;
     EXPECT_FALSE(r.err.empty()) << args;
@@ -166,6 +168,38 @@ TEST_F(RunCli, BadUsage_ExitsTwoWithAMessage) {
   RunOutput r = run("--backing model --backend kvm");
   EXPECT_NE(r.err.find("--backend kvm: backing model is the host model"), std::string::npos)
       << r.err;
+  r = run("--fault-around 48");
+  EXPECT_NE(r.err.find("--fault-around 48: expected sequential, off or a power of two"),
+            std::string::npos)
+      << r.err;
+}
+
+// --fault-around: the default populates ahead of the vCPUs' sequential slices (each page still
+// faults once in the MMU), off populates nothing ahead, a fixed window its aligned window.
+TEST_F(RunCli, FaultAround_PoliciesInConfigAndPopulatedAhead) {
+  nlohmann::json seq = run_json("--memory 8M --backend engine");
+  ASSERT_TRUE(seq.is_object());
+  EXPECT_EQ(seq["config"]["fault_around_policy"], "sequential");
+  EXPECT_EQ(seq["config"]["fault_around"], 64);
+  EXPECT_EQ(seq["engine"]["faults"]["total"], 2048);
+  EXPECT_GT(seq["engine"]["populated_ahead"].get<uint64_t>(), 1900u);
+  nlohmann::json off = run_json("--memory 8M --backend engine --fault-around off");
+  ASSERT_TRUE(off.is_object());
+  EXPECT_EQ(off["config"]["fault_around_policy"], "off");
+  EXPECT_EQ(off["config"]["fault_around"], 0);
+  EXPECT_EQ(off["engine"]["populated_ahead"], 0);
+  nlohmann::json fixed = run_json("--memory 8M --backend engine --fault-around 16 --vcpus 1");
+  ASSERT_TRUE(fixed.is_object());
+  EXPECT_EQ(fixed["config"]["fault_around_policy"], "fixed");
+  EXPECT_EQ(fixed["engine"]["populated_ahead"], 2048 - 2048 / 16);
+  nlohmann::json model = run_json("--memory 4M --backing model");
+  ASSERT_TRUE(model.is_object());
+  EXPECT_TRUE(model["engine"]["populated_ahead"].is_null()) << "the host model has none";
+  for (const nlohmann::json* j : {&seq, &off, &fixed, &model}) expect_balanced(*j);
+  RunOutput text = run("--memory 4M --backend engine --no-progress");
+  EXPECT_NE(text.out.find("engine host            fault-around sequential (up to 64 pages): "),
+            std::string::npos)
+      << text.out;
 }
 
 // Without /dev/kvm (hidden in a private mount namespace), --backend kvm is a usage error that

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <atomic>
 #include <barrier>
 #include <chrono>
@@ -86,10 +87,34 @@ struct RunOptions {
   bool progress = false;
   bool no_progress = false;
   bool pagemap = false;
-  uint32_t fault_around = 0;
+  std::string fault_around = "sequential";  // sequential | off | N (a fixed window)
 };
 
 [[noreturn]] void bad(const std::string& msg) { throw BadInput(msg); }
+
+// --fault-around as LinuxHost's policy and window (BadInput when it is neither sequential, off
+// nor a power of two from 2 to 512; 0 is off).
+std::pair<FaultAround, uint32_t> parse_fault_around(const RunOptions& o) {
+  const LinuxHost::Options defaults;
+  if (o.fault_around == "sequential") return {FaultAround::kSequential, defaults.fault_around_pages};
+  if (o.fault_around == "off" || o.fault_around == "0") {
+    return {FaultAround::kOff, defaults.fault_around_pages};
+  }
+  uint32_t n = 0;
+  const char* end = o.fault_around.data() + o.fault_around.size();
+  auto [p, ec] = std::from_chars(o.fault_around.data(), end, n);
+  if (ec != std::errc() || p != end || n < 2 || n > 512 || (n & (n - 1)) != 0) {
+    bad("--fault-around " + o.fault_around +
+        ": expected sequential, off or a power of two from 2 to 512");
+  }
+  return {FaultAround::kFixed, n};
+}
+
+// The largest window --fault-around populates (0 when off), for the JSON config.
+uint32_t fault_around_pages(const RunOptions& o) {
+  auto [policy, pages] = parse_fault_around(o);
+  return policy == FaultAround::kOff ? 0 : pages;
+}
 
 // The validated workload both backends run.
 struct Workload {
@@ -226,7 +251,8 @@ void setup_host(const RunOptions& o, uint64_t bytes, const Snapshot& snap, bool 
   }
   LinuxHost::Options lo;
   lo.pfn_source = o.pagemap ? PfnSource::kAuto : PfnSource::kVirtual;
-  lo.fault_around_pages = o.fault_around;
+  lo.fault_around = parse_fault_around(o).first;
+  lo.fault_around_pages = parse_fault_around(o).second;
   auto host = LinuxHost::create(lo);
   if (!host) bad("real memory unavailable: " + error_to_string(host.error()));
   h->linux_host = std::move(*host);
@@ -371,6 +397,7 @@ struct EngineResult {
   uint64_t unexpected_exits = 0;
   uint64_t refs = 0;
   uint64_t metadata = 0;
+  std::optional<uint64_t> populated_ahead;  // LinuxHost's fault-around (real memory only)
   std::vector<uint64_t> checksums;
   std::optional<uffd::PageServerStats> uffd;
   bool ok() const { return refs == 0 && unexpected_exits == 0; }
@@ -517,6 +544,7 @@ EngineResult run_engine(const RunOptions& o, const Workload& w, PgLevel max_leve
   res.metadata = mmu->metadata_bytes();
   mmu.reset();
   res.refs = host.mm->outstanding_refs();
+  if (host.linux_host) res.populated_ahead = host.linux_host->stats().populated_ahead;
   res.unexpected_exits = unexpected_exits.load();
   res.async_exits = async_exits.load();
   if (host.server) res.uffd = host.server->stats();
@@ -647,9 +675,7 @@ int run_workload(const RunOptions& o) {
   else bad("--max-level " + o.max_level + ": expected 4k, 2m or 1g");
   if (!o.file.empty() && o.backing != "file") bad("--file needs --backing file");
   if (!o.snapshot.empty() && o.backing != "uffd") bad("--snapshot needs --backing uffd");
-  if (o.fault_around > 512 || (o.fault_around & (o.fault_around - 1)) != 0) {
-    bad(fmt::format("--fault-around {}: expected 0 or a power of two up to 512", o.fault_around));
-  }
+  (void)parse_fault_around(o);  // throws BadInput for a bad --fault-around
   static const char* const kBackings[] = {"anon", "memfd", "file", "thp", "uffd", "model",
                                           "model-file"};
   if (std::find_if(std::begin(kBackings), std::end(kBackings),
@@ -744,7 +770,8 @@ int run_workload(const RunOptions& o) {
                    {"async_pf", o.async_pf},
                    {"max_level", o.max_level},
                    {"pagemap", o.pagemap},
-                   {"fault_around", o.fault_around},
+                   {"fault_around", fault_around_pages(o)},
+                   {"fault_around_policy", to_string(parse_fault_around(o).first)},
                    {"seed", o.seed}};
     j["backends"] = nlohmann::json::array();
     if (eng) j["backends"].push_back("engine");
@@ -781,6 +808,8 @@ int run_workload(const RunOptions& o) {
       e["zapped"] = st.zapped;
       e["splits"] = st.splits;
       e["metadata_bytes"] = eng->metadata;
+      e["populated_ahead"] =
+          eng->populated_ahead ? nlohmann::json(*eng->populated_ahead) : nlohmann::json(nullptr);
       e["unexpected_exits"] = eng->unexpected_exits;
       e["outstanding_refs"] = eng->refs;
       e["checksums"] = hex_json(eng->checksums);
@@ -913,6 +942,14 @@ int run_workload(const RunOptions& o) {
                 static_cast<unsigned long long>(st.tlb_flushes),
                 static_cast<unsigned long long>(eng->metadata),
                 100.0 * static_cast<double>(eng->metadata) / static_cast<double>(w.bytes));
+    if (eng->populated_ahead) {
+      const auto [policy, pages] = parse_fault_around(o);
+      std::printf("  engine host            fault-around %s%s: %llu pages populated ahead of "
+                  "their faults\n",
+                  std::string(to_string(policy)).c_str(),
+                  policy == FaultAround::kOff ? "" : fmt::format(" (up to {} pages)", pages).c_str(),
+                  static_cast<unsigned long long>(*eng->populated_ahead));
+    }
   }
   if (kv && !kv->ok()) std::printf("  kvm failed: %s\n", kv->error.c_str());
   if (!ok) std::printf("  FAILED\n");
@@ -966,8 +1003,11 @@ GFNMAP_VERB("run", "run a memstress-like workload on gfnmap's MMU and in a real 
                            "engine, real memory: report physical pfns from /proc/self/pagemap "
                            "(one pread per fault) instead of host virtual page numbers");
               cmd.add_option("--fault-around", o->fault_around,
-                             "engine, real anon/memfd memory: a slow-path fault populates this "
-                             "many aligned pages at once (0 = off, as KVM: one page per fault)")
+                             "engine, real anon/memfd memory: how many pages a slow-path fault "
+                             "populates. sequential: ahead of sequential runs only, up to 64 "
+                             "pages (random access populates one page per fault); off (or 0): "
+                             "one page per fault, as KVM; N (2..512, a power of two): the aligned "
+                             "N-page window of every fault")
                   ->capture_default_str();
               cmd.add_flag("--json", o->json, "print one JSON document (docs/run.md)");
               cmd.add_flag("--progress", o->progress,

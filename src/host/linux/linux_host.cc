@@ -106,6 +106,15 @@ std::string_view to_string(RegionKind kind) {
   return "?";
 }
 
+std::string_view to_string(FaultAround policy) {
+  switch (policy) {
+    case FaultAround::kOff: return "off";
+    case FaultAround::kSequential: return "sequential";
+    case FaultAround::kFixed: return "fixed";
+  }
+  return "?";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Creation and the region table.
 
@@ -113,9 +122,14 @@ LinuxHost::LinuxHost(Options options) : options_(options) {}
 
 Result<std::unique_ptr<LinuxHost>> LinuxHost::create(Options options) {
   const uint32_t fa = options.fault_around_pages;
-  if (fa > 512 || (fa & (fa - 1)) != 0) {
-    return make_error(EINVAL, "LinuxHost: fault_around_pages must be 0 or a power of two up to "
+  if (fa < 2 || fa > 512 || (fa & (fa - 1)) != 0) {
+    return make_error(EINVAL, "LinuxHost: fault_around_pages must be a power of two from 2 to "
                       "512, not ", std::to_string(fa));
+  }
+  if (options.fault_around != FaultAround::kOff &&
+      options.fault_around != FaultAround::kSequential &&
+      options.fault_around != FaultAround::kFixed) {
+    return make_error(EINVAL, "LinuxHost: unknown fault_around policy");
   }
   std::unique_ptr<LinuxHost> host(new LinuxHost(options));
   host->set_.store(new LinuxRegionSet(), std::memory_order_release);
@@ -404,6 +418,7 @@ LinuxHostStats LinuxHost::stats() const {
   s.interrupted = interrupted_.load();
   s.invalidations = invalidations_.load();
   s.bad_puts = bad_puts_.load();
+  s.populated_ahead = populated_ahead_.load();
   return s;
 }
 
@@ -744,6 +759,79 @@ bool LinuxHost::populate_window(const LinuxRegion& r, Hva start, Hva end, bool w
   return true;
 }
 
+namespace {
+
+// A write window must not break CoW (or replace the zero page) under a translation nobody is
+// told about: it stops at the pages around pg known present read-only (slow_get invalidates
+// around such a replacement for the faulting page alone). A page made present read-only by a
+// concurrent read fault after this check is replaced unannounced; its translations keep the
+// hva, so they still reach the page's data (only a physical pfn label goes stale).
+void clip_write_window(const PageArrays& pa, Hva pg, Hva* ws, Hva* we) {
+  auto read_only = [&](Hva h) {
+    const uint8_t st = pa.state[pa.index(h)].load(std::memory_order_acquire);
+    return (st & kPagePresent) && !(st & kPageWritable);
+  };
+  for (Hva h = pg + kPageSize; h < *we; h = h + kPageSize) {
+    if (read_only(h)) {
+      *we = h;
+      break;
+    }
+  }
+  for (Hva h = pg; h > *ws; h = h - kPageSize) {
+    if (read_only(h - kPageSize)) {
+      *ws = h;
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+bool LinuxHost::fault_around(const LinuxRegion& r, Hva pg, bool write) {
+  const uint64_t max = options_.fault_around_pages;
+  if (options_.fault_around == FaultAround::kFixed) {
+    const uint64_t span = max * kPageSize;
+    Hva ws = std::max(r.start, Hva(pg.value & ~(span - 1)));
+    Hva we = std::min(r.end, Hva((pg.value & ~(span - 1)) + span));
+    if (write) clip_write_window(*r.pages, pg, &ws, &we);
+    if (!populate_window(r, ws, we, write)) return false;
+    populated_ahead_.fetch_add(((we - ws) >> kPageShift) - 1, std::memory_order_relaxed);
+    return true;
+  }
+  // kSequential: continue the run that expects this page, or start one with this page alone.
+  PageArrays& pa = *r.pages;
+  const uint64_t i = pa.index(pg);
+  PageArrays::Stream* run = nullptr;
+  for (PageArrays::Stream& st : pa.streams) {
+    uint64_t next = st.next.load(std::memory_order_relaxed);
+    if (next == i && st.next.compare_exchange_strong(next, PageArrays::kNoStream,
+                                                     std::memory_order_acquire)) {
+      run = &st;
+      break;
+    }
+  }
+  if (run == nullptr) {
+    run = &pa.streams[pa.victim.fetch_add(1, std::memory_order_relaxed) % kFaultAroundStreams];
+    run->window.store(1, std::memory_order_relaxed);
+    run->next.store(i + 1, std::memory_order_release);
+    return false;  // the caller populates pg alone
+  }
+  const uint64_t window = std::min<uint64_t>(2 * run->window.load(std::memory_order_relaxed), max);
+  Hva ws = pg;
+  Hva we = std::min(r.end, pg + window * kPageSize);
+  if (write) clip_write_window(pa, pg, &ws, &we);
+  const uint64_t n = (we - pg) >> kPageShift;
+  if (!populate_window(r, pg, we, write)) {
+    run->window.store(1, std::memory_order_relaxed);  // the run starts again after pg
+    run->next.store(i + 1, std::memory_order_release);
+    return false;
+  }
+  populated_ahead_.fetch_add(n - 1, std::memory_order_relaxed);
+  run->window.store(static_cast<uint32_t>(window), std::memory_order_relaxed);
+  run->next.store(i + n, std::memory_order_release);
+  return true;
+}
+
 int LinuxHost::wait_interruptible(const LinuxRegion& r, Hva hva, bool interruptible) {
   const int sigfd = interruptible ? t_sigfd.get() : -1;
   if (r.kind == RegionKind::kLazy) return r.lazy->wait_ready(hva, sigfd);
@@ -802,15 +890,9 @@ long LinuxHost::slow_get(const LinuxRegion& r, Hva hva, FollFlags flags, Page* p
     const uint8_t before = pa.state[i].load(std::memory_order_acquire);
     const bool replaces = write && (before & kPagePresent) && !(before & kPageWritable);
     if (replaces) invalidate_start(pg, pg + kPageSize);
-    const uint64_t fa = options_.fault_around_pages;
-    bool done = false;
-    if (fa > 1 && !replaces &&
-        (r.kind == RegionKind::kAnonymous || r.kind == RegionKind::kMemfdShared)) {
-      const uint64_t span = fa * kPageSize;
-      const Hva ws = std::max(r.start, Hva(pg.value & ~(span - 1)));
-      const Hva we = std::min(r.end, Hva((pg.value & ~(span - 1)) + span));
-      done = populate_window(r, ws, we, write);
-    }
+    const bool done = !replaces && options_.fault_around != FaultAround::kOff &&
+                      (r.kind == RegionKind::kAnonymous || r.kind == RegionKind::kMemfdShared) &&
+                      fault_around(r, pg, write);
     if (!done &&
         madvise(ptr(pg), kPageSize, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
       const int e = errno;

@@ -33,6 +33,18 @@ struct PageArrays {
         pfn(new std::atomic<uint64_t>[n]()) {}
   uint64_t index(Hva hva) const { return (hva - base) >> kPageShift; }
   bool covers(Hva hva) const { return hva >= base && index(hva) < npages; }
+
+  // Sequential fault-around (FaultAround::kSequential): the runs of sequential faults followed
+  // now. A run's next fault is expected at page index `next` (kNoStream: the slot is free or
+  // being updated); `window` is the number of pages its last fault populated. Only hints: a
+  // lost update costs a smaller window, never a wrong page.
+  static constexpr uint64_t kNoStream = ~uint64_t{0};
+  struct Stream {
+    std::atomic<uint64_t> next{kNoStream};
+    std::atomic<uint32_t> window{0};
+  };
+  Stream streams[LinuxHost::kFaultAroundStreams];
+  std::atomic<uint32_t> victim{0};  // the slot a new run takes (round robin)
 };
 
 struct LinuxRegion {

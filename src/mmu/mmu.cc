@@ -168,7 +168,6 @@ SptNode* Mmu::Impl::alloc_table(int level) {
   if (chunk == nullptr) {
     chunk = detail::spt_map_chunk(false);
     pool.push_back(chunk);
-    nr_chunks.fetch_add(1, std::memory_order_relaxed);
   }
   unsigned i = 0;
   while (bit_test(chunk->used, i)) ++i;
@@ -177,7 +176,6 @@ SptNode* Mmu::Impl::alloc_table(int level) {
   std::memset(static_cast<void*>(n), 0, sizeof(SptNode));
   if (level == 2) {
     spt_side(n).block = detail::spt_map_chunk(true);
-    nr_chunks.fetch_add(1, std::memory_order_relaxed);
   }
   nr_nodes.fetch_add(1, std::memory_order_relaxed);
   return n;
@@ -205,7 +203,6 @@ void Mmu::Impl::free_table(SptNode* node, int level) {
     nr_nodes.fetch_sub(b->nr_used, std::memory_order_relaxed);
     nr_resident.fetch_sub(b->nr_resident, std::memory_order_relaxed);
     detail::spt_unmap_chunk(b);
-    nr_chunks.fetch_sub(1, std::memory_order_relaxed);
   }
   bit_clear(chunk->used, detail::spt_slot_of(node));
   --chunk->nr_used;
@@ -214,7 +211,6 @@ void Mmu::Impl::free_table(SptNode* node, int level) {
     nr_resident.fetch_sub(chunk->nr_resident, std::memory_order_relaxed);
     std::erase(pool, chunk);
     detail::spt_unmap_chunk(chunk);
-    nr_chunks.fetch_sub(1, std::memory_order_relaxed);
   }
 }
 

@@ -55,12 +55,11 @@ struct Mmu::Impl {
   bool batch_needs_flush = false;
 
   std::atomic<long> in_progress_pub{0};  // copy of in_progress for lock-free readers
-  // Bumped (before the flush that frees them) whenever tables are retired: vCPUs drop their
-  // cached level-2 table pointers when it changes.
+  // Bumped (before the flush that frees them) whenever tables of level 2..4 are retired: vCPUs
+  // drop their cached region (flat level-1 array, level-2 table) when it changes.
   std::atomic<uint64_t> table_epoch{0};
   std::atomic<uint64_t> nr_nodes{0};      // tables linked now
   std::atomic<uint64_t> nr_resident{0};   // chunk slots that hold memory (kSptNodeBytes each)
-  std::atomic<uint64_t> nr_chunks{0};
   std::atomic<uint64_t> nr_scatter{0};
 
   // ---- Counters (relaxed).

@@ -471,7 +471,8 @@ class Vcpu {
   detail::SptNode* root_ = nullptr;  // the table of as_id
   // Paging-structure cache of the per-access path: the flat level-1 entries and the level-2
   // table of the 1 GiB region that starts at gfn l1_base_, valid while the Mmu's table epoch
-  // (bumped whenever a table is retired) equals l1_epoch_. l1_base_ = kNoBase: none.
+  // (bumped whenever a table of level 2 or more is retired) equals l1_epoch_. l1_base_ =
+  // kNoBase: none.
   static constexpr uint64_t kNoBase = uint64_t{1} << 63;
   const std::atomic<uint64_t>* table_epoch_ = nullptr;
   uint64_t l1_base_ = kNoBase;

@@ -106,7 +106,7 @@ bool membarrier_available() {
 
 namespace detail {
 
-SptChunk* spt_map_chunk(bool is_block) {
+SptChunk* spt_map_chunk() {
   // Twice the size, then the unaligned head and tail go: an aligned reservation.
   const uint64_t span = 2 * kSptChunkBytes;
   void* p = mmap(nullptr, span, PROT_READ | PROT_WRITE,
@@ -121,9 +121,7 @@ SptChunk* spt_map_chunk(bool is_block) {
   // 4K pages, so the memory a chunk uses is exactly the slots written (metadata_bytes).
   madvise(reinterpret_cast<void*>(start), kSptChunkBytes, MADV_NOHUGEPAGE);
   // SAFETY: zero-filled storage of a trivial type is a chunk with no slot used.
-  auto* c = reinterpret_cast<SptChunk*>(start);
-  c->is_block = is_block;
-  return c;
+  return reinterpret_cast<SptChunk*>(start);
 }
 
 void spt_unmap_chunk(SptChunk* chunk) { munmap(chunk, kSptChunkBytes); }
@@ -166,7 +164,7 @@ SptNode* Mmu::Impl::alloc_table(int level) {
     }
   }
   if (chunk == nullptr) {
-    chunk = detail::spt_map_chunk(false);
+    chunk = detail::spt_map_chunk();
     pool.push_back(chunk);
   }
   unsigned i = 0;
@@ -175,14 +173,15 @@ SptNode* Mmu::Impl::alloc_table(int level) {
   // A reused slot: its entries were last read before the flush that freed it.
   std::memset(static_cast<void*>(n), 0, sizeof(SptNode));
   if (level == 2) {
-    spt_side(n).block = detail::spt_map_chunk(true);
+    spt_side(n).block = detail::spt_map_chunk();
   }
   nr_nodes.fetch_add(1, std::memory_order_relaxed);
   return n;
 }
 
-SptNode* Mmu::Impl::alloc_l1(SptNode* l2, unsigned idx) {
-  detail::SptChunk* b = spt_side(l2).block;
+SptNode* Mmu::Impl::alloc_child(SptNode* parent, int level, unsigned idx) {
+  if (level > 2) return alloc_table(level - 1);
+  detail::SptChunk* b = spt_side(parent).block;
   assert(!bit_test(b->used, idx) && "level-1 table linked twice");
   nr_nodes.fetch_add(1, std::memory_order_relaxed);
   return take_slot(b, idx, nr_resident);  // all zero: the SptNode invariant
@@ -333,7 +332,7 @@ SptNode* Mmu::Impl::split_leaf(SptNode* node, unsigned idx, int level, uint64_t 
   uint64_t e = node->e[idx].load(std::memory_order_relaxed);
   assert(spte::is_leaf(e) && (e & spte::kLarge) && level > 1);
   uint64_t pfn = leaf_pfn(node, idx, e);
-  SptNode* child = level == 2 ? alloc_l1(node, idx) : alloc_table(level - 1);
+  SptNode* child = alloc_child(node, level, idx);
   uint64_t keep = e & (spte::kPresent | spte::kWritable | spte::kExecutable |
                        spte::kHostWritable | spte::kMmuWritable | spte::kAccessed |
                        spte::kDirty | spte::kRefcounted);
@@ -687,7 +686,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
       n = im.split_leaf(n, idx, l, gfn.value & ~(spt_pages(l) - 1), false);
       ctx.flush = true;
     } else {
-      SptNode* child = l == 2 ? im.alloc_l1(n, idx) : im.alloc_table(l - 1);
+      SptNode* child = im.alloc_child(n, l, idx);
       n->e[idx].store(reinterpret_cast<uint64_t>(child) | spte::kTable,
                       std::memory_order_release);
       n = child;

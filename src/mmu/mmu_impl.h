@@ -84,8 +84,9 @@ struct Mmu::Impl {
   };
   // A new empty table of level 2..4 (a level-2 table comes with its block).
   detail::SptNode* alloc_table(int level);
-  // The level-1 table for entry idx of level-2 table l2 (all zero; the caller links it).
-  detail::SptNode* alloc_l1(detail::SptNode* l2, unsigned idx);
+  // The new empty table for entry idx of table `parent` at `level` (> 1; the caller links it):
+  // a level-1 table is node idx of the parent's block (all zero: the SptNode invariant).
+  detail::SptNode* alloc_child(detail::SptNode* parent, int level, unsigned idx);
   // A level-1 table unlinked from its level-2 entry: zeroed now (vCPUs reading the flat array
   // then miss) and free for reuse.
   void release_l1(detail::SptNode* node);

@@ -33,7 +33,6 @@ struct SptChunk {
   uint64_t resident[kSptEntries / 64];  // slots ever used (their memory stays until unmapped)
   uint32_t nr_used;
   uint32_t nr_resident;
-  bool is_block;
 };
 static_assert(sizeof(SptChunk) <= kSptChunkBytes);
 static_assert(std::is_trivial_v<SptChunk>);
@@ -63,7 +62,7 @@ inline SptEntry* spt_region_entries(const SptNode* l2) {
 }
 
 // Chunk reservation and release (mmap / munmap); throws std::bad_alloc when mmap fails.
-SptChunk* spt_map_chunk(bool is_block);
+SptChunk* spt_map_chunk();
 void spt_unmap_chunk(SptChunk* chunk);
 
 }  // namespace gfnmap::detail

@@ -21,6 +21,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "cli_input.h"
@@ -251,8 +252,7 @@ void setup_host(const RunOptions& o, uint64_t bytes, const Snapshot& snap, bool 
   }
   LinuxHost::Options lo;
   lo.pfn_source = o.pagemap ? PfnSource::kAuto : PfnSource::kVirtual;
-  lo.fault_around = parse_fault_around(o).first;
-  lo.fault_around_pages = parse_fault_around(o).second;
+  std::tie(lo.fault_around, lo.fault_around_pages) = parse_fault_around(o);
   auto host = LinuxHost::create(lo);
   if (!host) bad("real memory unavailable: " + error_to_string(host.error()));
   h->linux_host = std::move(*host);

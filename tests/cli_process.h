@@ -54,13 +54,16 @@ class CliProcessTest : public ::testing::Test {
     if (!tmp_.empty()) fs::remove_all(tmp_, ec);
   }
 
-  // Runs `gfnmap ARGS` (ARGS are shell words) in `cwd`, or in the test's own directory.
-  CliResult run_cli(const std::string& args, const std::string& cwd = "") {
+  // Runs `gfnmap ARGS` (ARGS are shell words) in `cwd`, or in the test's own directory, with
+  // `env` (shell words like NAME=value) added to its environment.
+  CliResult run_cli(const std::string& args, const std::string& cwd = "",
+                    const std::string& env = "") {
     CliResult r;
 #ifdef GFNMAP_CLI_PATH
     const fs::path out = tmp_ / "stdout";
     const fs::path err = tmp_ / "stderr";
     std::string cmd = cwd.empty() ? "" : "cd " + shell_quote(cwd) + " && ";
+    if (!env.empty()) cmd += "env " + env + " ";
     cmd += shell_quote(GFNMAP_CLI_PATH) + " " + args + " >" + shell_quote(out.string()) + " 2>" +
            shell_quote(err.string());
     const int raw = std::system(cmd.c_str());
@@ -70,6 +73,7 @@ class CliProcessTest : public ::testing::Test {
 #else
     (void)args;
     (void)cwd;
+    (void)env;
 #endif
     return r;
   }

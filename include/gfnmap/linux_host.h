@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <bitset>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -147,6 +148,12 @@ class LinuxHost final : public HostMm {
     // memory: nothing is allocated ahead of reads).
     FaultAround fault_around = FaultAround::kSequential;
     uint32_t fault_around_pages = 64;
+    // Whether a read fault of an untouched private anonymous page maps the shared zero page
+    // (read-only: decision-table row 9) or a fresh exclusive page (writable: row 8). Unset:
+    // host_facts().zero_page. True on a kernel without the zero page emulates it for kAnonymous
+    // regions (such pages are kept read-only until written, and the write raises an
+    // invalidation as a zero-page replacement does); false on a kernel with it is EINVAL.
+    std::optional<bool> zero_page = std::nullopt;
   };
   static constexpr unsigned kFaultAroundStreams = 8;
   static Result<std::unique_ptr<LinuxHost>> create(Options options);
@@ -196,6 +203,9 @@ class LinuxHost final : public HostMm {
   bool pfns_are_physical() const { return physical_pfns_; }
   // PAGEMAP_SCAN is available (probed at creation).
   bool has_pagemap_scan() const { return has_pagemap_scan_; }
+  // The zero-page fact this host follows (Options::zero_page), and whether it is emulated.
+  bool zero_page() const { return zero_page_; }
+  bool zero_page_emulated() const { return emulate_zero_page_; }
 
   // HostMm.
   bool get_user_page_fast_only(Hva hva, FollFlags gup_flags, Page* page) override;
@@ -236,6 +246,14 @@ class LinuxHost final : public HostMm {
   // Options::fault_around for a slow-path fault on pg: populates a window holding pg and records
   // its pages; false when it populated nothing (the caller populates pg alone).
   bool fault_around(const detail::LinuxRegion& r, Hva pg, bool write);
+  // Options::zero_page emulated (a kernel without it): of the n pages from start, those a read
+  // populate is about to fault in fresh, which would have mapped the zero page (bit k: page k);
+  // keep_read_only then records them read-only after the populate.
+  static constexpr uint64_t kMaxWindow = 512;
+  std::bitset<kMaxWindow> zero_page_candidates(const detail::LinuxRegion& r, Hva start,
+                                               uint64_t n, bool write);
+  void keep_read_only(const detail::LinuxRegion& r, Hva start, uint64_t n,
+                      const std::bitset<kMaxWindow>& fresh);
   // Populates [start, end) (inside r) and records every page. False on failure.
   bool populate_window(const detail::LinuxRegion& r, Hva start, Hva end, bool write);
   PgLevel mapping_level_locked(const detail::LinuxRegion& r, Hva hva);
@@ -245,6 +263,8 @@ class LinuxHost final : public HostMm {
   int kpageflags_fd_ = -1;
   bool physical_pfns_ = false;
   bool has_pagemap_scan_ = false;
+  bool zero_page_ = true;
+  bool emulate_zero_page_ = false;
 
   mutable std::shared_mutex mmap_lock_;  // the "mmap lock": region table changes take it
   mutable std::mutex publish_mu_;        // writers of the region table; put_page fallback

@@ -187,6 +187,10 @@ struct AgeResult {
 struct SimHostConfig {
   Hva hva_base{0x7f0000000000};  // where the first VMA goes (reproducible addresses)
   uint64_t first_pfn = 0x1000;   // pfn of the zero page; frames are numbered upward from it
+  // A read fault of untouched private anonymous memory maps the shared zero page (read-only,
+  // row 9) when true; when false it allocates a fresh exclusive page, writable at once (row 8),
+  // as kernels without the zero page do (host_facts.h).
+  bool zero_page = true;
 };
 
 // A protocol violation recorded by the model (never a crash).

@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "gfnmap/host_facts.h"
+
 namespace gfnmap::kvm {
 
 // SAFETY/ABI: layouts the kernel expects; the 6.1 headers lack REGION2 and MEMORY_FAULT.
@@ -68,7 +70,11 @@ Fd::~Fd() {
 bool kvm_available(std::string* why) {
   int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (fd < 0) {
-    if (why) *why = std::string("/dev/kvm: ") + std::strerror(errno);
+    const int e = errno;
+    // The probed reason (module state, the kernel's words) when the probe agrees.
+    const HostFacts& facts = host_facts();
+    if (why) *why = facts.kvm_available() ? std::string("/dev/kvm: ") + std::strerror(e)
+                                          : facts.kvm_why;
     return false;
   }
   ::close(fd);

@@ -30,13 +30,18 @@ enum class Mem {
 };
 
 // ---------------------------------------------------------------------------------------------
-class SimAdapter {
+// The model, with the host fact `zero page` on (SimAdapter) or off (SimAdapterNoZeroPage), so
+// both branches of every zero-page-dependent scenario run on every machine.
+template <bool kZeroPage>
+class SimAdapterT {
  public:
-  static constexpr const char* kName = "SimHost";
-  SimAdapter() = default;
+  static constexpr const char* kName = kZeroPage ? "SimHost" : "SimHostNoZeroPage";
+  SimAdapterT() = default;
 
   HostMm& mm() { return host_; }
   bool distinct_frames() const { return true; }
+  bool zero_page() const { return kZeroPage; }
+  bool zero_page_emulated() const { return false; }
 
   Hva map(Mem mem, uint64_t pages, int prot = PROT_READ | PROT_WRITE) {
     Prot p = Prot::kNone;
@@ -104,8 +109,10 @@ class SimAdapter {
   void check_clean() { EXPECT_EQ(host_.violations(), 0u); }
 
  private:
-  SimHost host_;
+  SimHost host_{SimHostConfig{.zero_page = kZeroPage}};
 };
+using SimAdapter = SimAdapterT<true>;
+using SimAdapterNoZeroPage = SimAdapterT<false>;
 
 // ---------------------------------------------------------------------------------------------
 // A page source that holds pages back until opened (an unserved userfaultfd page).
@@ -135,6 +142,8 @@ class LinuxAdapter {
 
   HostMm& mm() { return *host_; }
   bool distinct_frames() const { return host_->pfns_are_physical(); }
+  bool zero_page() const { return host_->zero_page(); }  // the probed host fact
+  bool zero_page_emulated() const { return host_->zero_page_emulated(); }
 
   Hva map(Mem mem, uint64_t pages, int prot = PROT_READ | PROT_WRITE) {
     RegionSpec spec;

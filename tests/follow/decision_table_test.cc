@@ -181,8 +181,11 @@ TEST(DecisionTable, Row07_SlowGupWriteBreaksCow) {
   release_checked(*fresh, g);
 }
 
+// Row 8 also covers a read of untouched private anonymous memory on a host without the zero page
+// (docs/spec.md 12): the read maps a fresh exclusive page, which the fast write lookup finds.
 TEST(DecisionTable, Row08_ReadUpgradedByFastWriteLookup) {
-  for (State state : {State::kSharedNotPresent, State::kFastMissOnce}) {
+  for (State state :
+       {State::kSharedNotPresent, State::kFastMissOnce, State::kNotPresentAnonNoZeroPage}) {
     SCOPED_TRACE(to_string(state));
     ENV(env, state);
     Faultin f = faultin(*env, 0);

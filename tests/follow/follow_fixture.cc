@@ -22,6 +22,7 @@ constexpr StateName kNames[] = {
     {State::kReadonlySlotNotPresent, "ReadonlySlotNotPresent"},
     {State::kPresentWritable, "PresentWritable"},
     {State::kNotPresentAnon, "NotPresentAnon"},
+    {State::kNotPresentAnonNoZeroPage, "NotPresentAnonNoZeroPage"},
     {State::kZeroPage, "ZeroPage"},
     {State::kCowShared, "CowShared"},
     {State::kSharedNotPresent, "SharedNotPresent"},
@@ -106,7 +107,8 @@ const std::vector<State>& all_states() {
 }
 
 std::unique_ptr<Env> make_env(State state) {
-  auto env = std::make_unique<Env>();
+  auto env = std::make_unique<Env>(
+      SimHostConfig{.zero_page = state != State::kNotPresentAnonNoZeroPage});
   env->slot.id = 1;
   env->slot.base_gfn = kBaseGfn;
   env->slot.npages = kSlotPages;
@@ -138,6 +140,7 @@ std::unique_ptr<Env> make_env(State state) {
       b.take(h.populate(env->hva, kPageSize, true), "populate");
       break;
     case State::kNotPresentAnon:
+    case State::kNotPresentAnonNoZeroPage:
       b.map(kProtRW, VmaKind::kAnonPrivate);
       break;
     case State::kZeroPage:

@@ -31,6 +31,8 @@ enum class State {
   kReadonlySlotNotPresent,  // row 4 then the slow path: READONLY slot, nothing mapped yet
   kPresentWritable,       // row 5: anon private page populated by a write
   kNotPresentAnon,        // rows 7, 9: anon private, nothing mapped (read: zero page)
+  kNotPresentAnonNoZeroPage,  // rows 7, 8: the same on a host without the zero page (a read
+                              // maps a fresh exclusive page, writable at once)
   kZeroPage,              // row 9: anon private page mapped to the zero page by a read
   kCowShared,             // row 9: anon private page CoW-shared with a simulated fork child
   kSharedNotPresent,      // row 8: memfd shared RW, nothing mapped (a read maps it writable)
@@ -65,6 +67,7 @@ const std::vector<State>& all_states();
 
 // A built state: the host, the slot (unless kNoSlot) and the page under test.
 struct Env {
+  explicit Env(SimHostConfig config = {}) : host(config) {}
   SimHost host;
   Memslot slot;
   bool has_slot = true;

@@ -1,4 +1,4 @@
-// gfnmap tests, host: SimHost's memory model: placement, anonymous/shared/file/PFNMAP VMAs, CoW,
+// gfnmap tests, host: SimHost's memory model: placement, anonymous, shared, file, PFNMAP VMAs, CoW,
 // page cache and swap, hugepages, mprotect/munmap/mremap/discard.
 #include <cerrno>
 #include <cstring>
@@ -68,6 +68,40 @@ TEST(SimHostModel, AnonReadMapsZeroPageReadOnly) {
   mm.put_page(page);
   EXPECT_EQ(mm.counters().zero_page_maps, 1u);
   EXPECT_EQ(mm.outstanding_refs(), 0u);
+}
+
+// SimHostConfig::zero_page = false models a kernel without the zero page: the read allocates a
+// fresh exclusive page, writable at once and clean (THP-eligible ranges get a huge page).
+TEST(SimHostModel, AnonReadWithoutZeroPageMapsAFreshWritablePage) {
+  SimHost mm(SimHostConfig{.zero_page = false});
+  Hva h = *mm.mmap(kPageSize, kProtRW, VmaKind::kAnonPrivate);
+  Page page;
+  ASSERT_EQ(gup(mm, h, 0, &page), 1);
+  EXPECT_NE(page.pfn, mm.zero_pfn());
+  PteInfo pte = mm.pte(h);
+  EXPECT_EQ(pte.state, State::kPresent);
+  EXPECT_FALSE(pte.zero_page);
+  EXPECT_TRUE(pte.writable);
+  EXPECT_FALSE(pte.dirty) << "a read does not dirty the page";
+  EXPECT_FALSE(mm.page_reserved(page));
+  Page fast;
+  ASSERT_TRUE(mm.get_user_page_fast_only(h, kFollWrite, &fast)) << "writable in place";
+  EXPECT_EQ(fast.pfn, page.pfn);
+  mm.put_page(fast);
+  mm.put_page(page);
+  EXPECT_EQ(mm.counters().zero_page_maps, 0u);
+  EXPECT_EQ(mm.counters().cow_breaks, 0u);
+  // A read-only mapping still reads a fresh page, not writable.
+  Hva ro = *mm.mmap(kPageSize, Prot::kRead, VmaKind::kAnonPrivate);
+  ASSERT_EQ(gup(mm, ro, 0, &page), 1);
+  EXPECT_FALSE(mm.pte(ro).writable);
+  mm.put_page(page);
+  Hva t = *mm.mmap(2 * k2M, kProtRW, VmaKind::kAnonPrivate, {.backing = PageBacking::kThp});
+  const Hva t2((t.value + k2M - 1) & ~(k2M - 1));
+  (void)gup_pfn(mm, t2, 0);
+  EXPECT_EQ(mm.host_mapping_level(t2), PgLevel::k2M) << "a read allocates the huge page";
+  EXPECT_EQ(mm.outstanding_refs(), 0u);
+  EXPECT_EQ(mm.violations(), 0u);
 }
 
 TEST(SimHostModel, AnonWriteAllocatesFrameWithOneReference) {

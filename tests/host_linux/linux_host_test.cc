@@ -13,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include "gfnmap/host_facts.h"
 #include "gfnmap/linux_host.h"
 #include "host_linux/test_util.h"
 
@@ -79,23 +80,125 @@ TEST_F(LinuxHostTest, Row07_SlowWriteFaultThenRow05_FastHit) {
   host->put_page(pinned);
 }
 
-TEST_F(LinuxHostTest, Row09_ReadOfUntouchedAnonMapsZeroPageNotWritable) {
+// A read of untouched private anonymous memory follows the host's zero-page fact: the shared
+// zero page, read-only (row 9; a write then gives a new frame), or a fresh exclusive page that
+// is writable at once (row 8: the fast write lookup succeeds and must be put like any other).
+TEST_F(LinuxHostTest, Row08or09_ReadOfUntouchedAnonFollowsTheZeroPageFact) {
   RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
   Page page;
   ASSERT_EQ(gup(r.start, 0, &page), 1);
   Page up;
-  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
-      << "the shared zero page must not be handed out for writing";
-  // A write breaks CoW: a new page, now writable.
+  const bool upgraded = host->get_user_page_fast_only(r.start, kFollWrite, &up);
+  if (upgraded) host->put_page(up);
+  if (!host->zero_page()) {
+    EXPECT_TRUE(upgraded) << "row 8: without the zero page the read mapped a writable page";
+    EXPECT_EQ(up.pfn, page.pfn);
+    host->put_page(page);
+    return;
+  }
+  EXPECT_FALSE(upgraded) << "row 9: the shared zero page must not be handed out for writing";
+  // A write replaces the zero page (row 7): a new page, now writable, under an invalidation.
+  const size_t before = notifier.nr_starts();
   Page w;
   ASSERT_EQ(gup(r.start, kFollWrite, &w), 1);
-  if (host->pfns_are_physical()) {
-    EXPECT_NE(w.pfn, page.pfn) << "CoW gives a new frame";
+  EXPECT_EQ(notifier.nr_starts(), before + 1) << "replacing the zero page kills a translation";
+  EXPECT_TRUE(notifier.covered(r.start.value));
+  if (host->pfns_are_physical() && !host->zero_page_emulated()) {
+    EXPECT_NE(w.pfn, page.pfn) << "the write gives a new frame";
   }
   ASSERT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite, &up));
   host->put_page(up);
   host->put_page(w);
   host->put_page(page);
+}
+
+// A read of a MAP_PRIVATE file page maps the page-cache page read-only on every kernel (row 9);
+// the write breaks CoW into a private copy, under an invalidation (row 7).
+TEST_F(LinuxHostTest, Row09ThenRow07_PrivateFilePageOnEveryHost) {
+  TempFile file(4 * kPageSize, 0x5a);
+  ASSERT_GE(file.fd, 0);
+  RegionInfo r = make(RegionKind::kFilePrivate, 4 * kPageSize, PROT_READ | PROT_WRITE, file.fd);
+  Page rd;
+  ASSERT_EQ(gup(r.start + kPageSize, 0, &rd), 1);
+  Page up;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start + kPageSize, kFollWrite, &up))
+      << "a page-cache page of a private mapping is never writable in place";
+  const size_t before = notifier.nr_starts();
+  Page wr;
+  ASSERT_EQ(gup(r.start + kPageSize, kFollWrite, &wr), 1);
+  EXPECT_EQ(notifier.nr_starts(), before + 1) << "the CoW break kills the read-only translation";
+  EXPECT_TRUE(notifier.covered(r.start.value + kPageSize));
+  if (host->pfns_are_physical()) {
+    EXPECT_NE(wr.pfn, rd.pfn) << "CoW gives a new frame";
+  }
+  EXPECT_EQ(hva_bytes(r.start + kPageSize)[1], 0x5a) << "the copy holds the file's data";
+  host->put_page(wr);
+  host->put_page(rd);
+}
+
+// A page shared with a forked child is read-only in the parent on every kernel (row 9); the
+// parent's write breaks CoW (row 7) under an invalidation, and the child keeps the old data.
+TEST_F(LinuxHostTest, Row09ThenRow07_PageSharedWithAForkedChild) {
+  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
+  std::memset(hva_bytes(r.start), 3, 4 * kPageSize);
+  testing::ForkedSharer child;
+  ASSERT_TRUE(child.ok());
+  Page rd;
+  ASSERT_EQ(gup(r.start, 0, &rd), 1);
+  Page up;
+  EXPECT_FALSE(host->get_user_page_fast_only(r.start, kFollWrite, &up))
+      << "a page mapped by two processes is not writable in place";
+  const size_t before = notifier.nr_starts();
+  Page wr;
+  ASSERT_EQ(gup(r.start, kFollWrite, &wr), 1);
+  EXPECT_EQ(notifier.nr_starts(), before + 1);
+  EXPECT_TRUE(notifier.covered(r.start.value));
+  if (host->pfns_are_physical()) {
+    EXPECT_NE(wr.pfn, rd.pfn) << "CoW gives a new frame";
+  }
+  ASSERT_TRUE(host->get_user_page_fast_only(r.start, kFollWrite, &up));
+  host->put_page(up);
+  host->put_page(wr);
+  host->put_page(rd);
+}
+
+// Options::zero_page: assuming the zero page on a kernel without it emulates it (untouched
+// pages read read-only, pages written before stay row 8); denying it on a kernel with it is
+// refused, since the shared zero page would be handed out writable.
+TEST(LinuxHostZeroPage, OptionFollowsOrEmulatesTheFactAndNeverDeniesIt) {
+  const HostFacts& facts = host_facts();
+  const bool kernel = facts.zero_page && !facts.zero_page_emulated;
+  LinuxHost::Options deny;
+  deny.zero_page = false;
+  auto denied = LinuxHost::create(deny);
+  if (kernel) {
+    EXPECT_EQ(denied.code(), EINVAL);
+    EXPECT_NE(error_to_string(denied.error()).find("zero page"), std::string::npos);
+  } else {
+    ASSERT_TRUE(denied.ok()) << error_to_string(denied.error());
+    EXPECT_FALSE((*denied)->zero_page());
+  }
+  LinuxHost::Options assume;
+  assume.zero_page = true;
+  auto h = LinuxHost::create(assume);
+  ASSERT_TRUE(h.ok()) << error_to_string(h.error());
+  LinuxHost& host = **h;
+  EXPECT_TRUE(host.zero_page());
+  EXPECT_EQ(host.zero_page_emulated(), !kernel);
+  RegionSpec spec;
+  spec.size = 4 * kPageSize;
+  auto r = host.create_region(spec);
+  ASSERT_TRUE(r.ok());
+  std::memset(hva_bytes(r->start + kPageSize), 1, kPageSize);  // written behind its back
+  Page p, up;
+  ASSERT_EQ(host.get_user_pages_unlocked(r->start, 0, &p), 1);
+  EXPECT_FALSE(host.get_user_page_fast_only(r->start, kFollWrite, &up)) << "row 9";
+  host.put_page(p);
+  ASSERT_EQ(host.get_user_pages_unlocked(r->start + kPageSize, 0, &p), 1);
+  ASSERT_TRUE(host.get_user_page_fast_only(r->start + kPageSize, kFollWrite, &up)) << "row 8";
+  host.put_page(up);
+  host.put_page(p);
+  EXPECT_EQ(host.outstanding_refs(), 0u);
 }
 
 TEST_F(LinuxHostTest, Row08_ReadOfWrittenAnonPageIsWritable) {
@@ -499,23 +602,6 @@ TEST_F(LinuxHostTest, Invariant10_SignalPendingSeesBlockedSignals) {
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 
-TEST_F(LinuxHostTest, Row07_CowBreakOfAKnownReadOnlyPageRaisesInvalidation) {
-  RegionInfo r = make(RegionKind::kAnonymous, 4 * kPageSize);
-  Page rd;
-  ASSERT_EQ(gup(r.start + kPageSize, 0, &rd), 1);  // the zero page, read-only
-  host->put_page(rd);
-  const size_t before = notifier.nr_starts();
-  Page wr;
-  ASSERT_EQ(gup(r.start + kPageSize, kFollWrite, &wr), 1);
-  EXPECT_EQ(notifier.nr_starts(), before + 1) << "replacing the zero page kills a translation";
-  EXPECT_TRUE(notifier.covered(r.start.value + kPageSize));
-  EXPECT_EQ(notifier.in_progress, 0);
-  Page fast;
-  ASSERT_TRUE(host->get_user_page_fast_only(r.start + kPageSize, kFollWrite, &fast));
-  host->put_page(fast);
-  host->put_page(wr);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Fault-around (LinuxHost::Options::fault_around).
 
@@ -648,7 +734,7 @@ TEST(LinuxHostFaultAround, OffPopulatesOnePagePerFault) {
 }
 
 // A window never leaves the piece of the region the fault is in: a PROT_NONE piece after it is
-// not populated and still gives EFAULT, and a read run populates for read (the zero page).
+// not populated and still gives EFAULT, and a read run populates for read (the zero page where the host has it).
 TEST(LinuxHostFaultAround, WindowStaysInsideItsPieceAndItsAccessKind) {
   auto host = host_with(FaultAround::kSequential, 64);
   ASSERT_TRUE(host);
@@ -664,14 +750,16 @@ TEST(LinuxHostFaultAround, WindowStaysInsideItsPieceAndItsAccessKind) {
   uint64_t slow = 0;
   for (uint64_t i = 0; i < 64; ++i) slow += touch(*host, rd.start + i * kPageSize, false);
   EXPECT_EQ(slow, 7u);
-  EXPECT_FALSE(populated(*host, rd.start + 5 * kPageSize, /*write=*/true))
-      << "read-ahead mapped the zero page, read-only";
+  EXPECT_EQ(populated(*host, rd.start + 5 * kPageSize, /*write=*/true), !host->zero_page())
+      << "read-ahead maps the zero page read-only where the host has it, fresh writable pages "
+         "where it does not";
   EXPECT_EQ(host->outstanding_refs(), 0u);
 }
 
-// A write window stops at a page known present read-only (here the zero page a read mapped):
-// populating it for write would replace that page under its translations unannounced. The
-// write that reaches it breaks it the announced way (an invalidation covering the page).
+// A write window stops at a page known present read-only (here one shared with a forked child,
+// read-only on every kernel): populating it for write would replace that page under its
+// translations unannounced. The write that reaches it breaks it the announced way (an
+// invalidation covering the page).
 TEST(LinuxHostFaultAround, WriteWindowStopsAtAReadOnlyPage) {
   for (FaultAround policy : {FaultAround::kSequential, FaultAround::kFixed}) {
     SCOPED_TRACE(std::string(to_string(policy)));
@@ -681,16 +769,19 @@ TEST(LinuxHostFaultAround, WriteWindowStopsAtAReadOnlyPage) {
     host->register_notifier(&notifier);
     RegionInfo r = region_of(*host, 64);
     const Hva window((r.start.value + 16 * kPageSize - 1) & ~(16 * kPageSize - 1));
-    EXPECT_TRUE(touch(*host, window + 5 * kPageSize, /*write=*/false));  // the zero page
-    // Read-only now: page 5 (sequential: a new run populates its page alone), or the whole
-    // aligned window (fixed: reads populate around too).
+    hva_bytes(window + 5 * kPageSize)[0] = 1;  // present before the fork: shared with the child
+    testing::ForkedSharer child;
+    ASSERT_TRUE(child.ok());
+    EXPECT_TRUE(touch(*host, window + 5 * kPageSize, /*write=*/false));
+    // Read-only now: page 5 (sequential: a new run populates its page alone), and with a fixed
+    // window the other pages of it too where the read mapped the zero page.
     std::vector<bool> read_only(16);
     for (uint64_t i = 0; i < 16; ++i) {
       const Hva h = window + i * kPageSize;
       read_only[i] = populated(*host, h, false) && !populated(*host, h, true);
     }
     EXPECT_TRUE(read_only[5]);
-    EXPECT_EQ(read_only[4], policy == FaultAround::kFixed);
+    EXPECT_EQ(read_only[4], policy == FaultAround::kFixed && host->zero_page());
     for (uint64_t i = 0; i < 16; ++i) (void)touch(*host, window + i * kPageSize);
     for (uint64_t i = 0; i < 16; ++i) {
       EXPECT_EQ(notifier.covered(window.value + i * kPageSize), read_only[i])

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -67,6 +68,39 @@ struct TempFile {
   ~TempFile() {
     if (fd >= 0) close(fd);
   }
+};
+
+// A forked child that shares this process's private memory until destroyed: every private
+// anonymous page present at the fork is then mapped twice (not exclusive), so a read fault of it
+// maps it read-only and a write breaks CoW, on every kernel (with or without the zero page).
+// The child only blocks on a pipe and exits (async-signal-safe in a threaded parent).
+struct ForkedSharer {
+  pid_t pid = -1;
+  int wake = -1;
+  ForkedSharer() {
+    int p[2];
+    if (pipe(p) != 0) return;
+    pid = fork();
+    if (pid == 0) {
+      close(p[1]);
+      char c;
+      while (read(p[0], &c, 1) < 0) {
+      }
+      _exit(0);
+    }
+    close(p[0]);
+    wake = p[1];
+  }
+  ~ForkedSharer() {
+    if (wake >= 0) close(wake);
+    if (pid > 0) {
+      int status = 0;
+      waitpid(pid, &status, 0);
+    }
+  }
+  ForkedSharer(const ForkedSharer&) = delete;
+  ForkedSharer& operator=(const ForkedSharer&) = delete;
+  bool ok() const { return pid > 0; }
 };
 
 inline void* hva_ptr(Hva h) { return reinterpret_cast<void*>(h.value); }

@@ -68,6 +68,45 @@ TEST_F(MmuTest, Install_ReadOfFreshAnonMapsZeroPageReadOnlyThenWriteBreaksCow) {
   EXPECT_FALSE(zero.dirty);
 }
 
+// Without the zero page (SimHostConfig::zero_page = false, docs/spec.md 12) a read of fresh
+// anonymous memory maps a fresh host-writable page: the leaf is writable at once (row 8), the
+// write after it takes no second fault, and on a logging slot the read is logged (G1).
+TEST(MmuNoZeroPage, Install_ReadOfFreshAnonMapsAWritablePageAndLogsIt) {
+  SimHost host(SimHostConfig{.zero_page = false});
+  Memslots slots;
+  DirtyLog dirty(slots);
+  MmuOptions o;
+  o.dirty = &dirty;
+  Mmu mmu(slots, host, o);
+  auto hva = host.mmap(4 * kPageSize, kProtRW, VmaKind::kAnonPrivate);
+  ASSERT_TRUE(hva.ok());
+  UserspaceMemoryRegion region;
+  region.flags = kMemLogDirtyPages;
+  region.guest_phys_addr = kGpa;
+  region.memory_size = 4 * kPageSize;
+  region.userspace_addr = hva->value;
+  ASSERT_TRUE(slots.set_memory_region(region).ok());
+  {
+    Vcpu v(mmu, 0);
+    uint64_t x = 1;
+    ASSERT_TRUE(v.read_u64(Gpa(kGpa), &x).ok());
+    EXPECT_EQ(x, 0u);
+    Mmu::Leaf leaf = mmu.lookup(0, Gfn(kGpa >> kPageShift));
+    ASSERT_TRUE(spte::is_leaf(leaf.spte));
+    EXPECT_TRUE(leaf.spte & spte::kWritable) << "row 8: the read found a writable page";
+    EXPECT_NE(leaf.pfn, host.zero_pfn());
+    const uint64_t faults = mmu.stats().faults;
+    ASSERT_TRUE(v.write_u64(Gpa(kGpa), 7).ok());
+    EXPECT_EQ(mmu.stats().faults, faults) << "the write hits the writable leaf";
+    EXPECT_EQ(mmu.lookup(0, Gfn(kGpa >> kPageShift)).pfn, leaf.pfn) << "no CoW break";
+    std::vector<uint64_t> bm(1);
+    ASSERT_TRUE(dirty.get_dirty_log(0, bm).ok());
+    EXPECT_EQ(bm[0], 1u);
+  }
+  EXPECT_EQ(host.outstanding_refs(), 0u);
+  EXPECT_EQ(host.violations(), 0u);
+}
+
 TEST_F(MmuTest, Install_WriteToReadOnlyHostMappingNeverWritable) {
   Hva hva = map(4 * kPageSize, Prot::kRead);
   add_slot(0, kGpa, 4 * kPageSize, hva);

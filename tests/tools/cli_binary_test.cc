@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "gfnmap/host_facts.h"
 #include "gfnmap/kvm.h"
 #include "cli_process.h"
 
@@ -134,6 +135,46 @@ std::string trace_options(const std::string& file) {
   if (file == "address-spaces.trace") return "--address-spaces 2";
   if (file == "slot-limit.trace") return "--slots 4";
   return "";
+}
+
+// `info` reports this host's probed facts, the same ones this test process probes.
+TEST_F(Cli, Info_ReportsTheProbedHostFacts) {
+  const gfnmap::HostFacts& facts = gfnmap::host_facts();
+  CliResult r = gfnmap("info --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const auto& h = j.at("host");
+  EXPECT_EQ(h.at("zero_page").get<bool>(), facts.zero_page);
+  EXPECT_FALSE(h.at("zero_page_how").get<std::string>().empty());
+  EXPECT_EQ(h.at("kvm").at("available").get<bool>(), facts.kvm_available());
+  EXPECT_EQ(h.at("kvm").at("why").is_null(), facts.kvm_available());
+  EXPECT_EQ(h.at("userfaultfd").at("syscall").get<bool>(), facts.uffd_syscall);
+  EXPECT_EQ(h.at("pagemap").at("physical_pfns").get<bool>(), facts.pagemap_pfns);
+  EXPECT_EQ(h.at("hugetlb").at("2M").at("total").get<uint64_t>(), facts.hugetlb_2m_total);
+  EXPECT_EQ(j.at("hosts").at("kvm").get<bool>(), facts.kvm_available());
+  CliResult text = gfnmap("info");
+  ASSERT_EQ(text.status, 0) << text.err;
+  EXPECT_NE(text.out.find(facts.zero_page ? "zero page:    yes" : "zero page:    no"),
+            std::string::npos)
+      << text.out;
+  EXPECT_NE(text.out.find("/dev/kvm:"), std::string::npos);
+}
+
+// GFNMAP_HOST_ZERO_PAGE=1 forces the zero-page fact on (emulated where the kernel lacks it);
+// =0 is ignored where the kernel has it.
+TEST_F(Cli, Info_ZeroPageOverride) {
+  const gfnmap::HostFacts& facts = gfnmap::host_facts();
+  const bool kernel = facts.zero_page && !facts.zero_page_emulated;
+  CliResult on = run_cli("info --json", "", "GFNMAP_HOST_ZERO_PAGE=1");
+  ASSERT_EQ(on.status, 0) << on.err;
+  const auto jon = nlohmann::json::parse(on.out).at("host");
+  EXPECT_TRUE(jon.at("zero_page").get<bool>());
+  EXPECT_EQ(jon.at("zero_page_emulated").get<bool>(), !kernel);
+  CliResult off = run_cli("info --json", "", "GFNMAP_HOST_ZERO_PAGE=0");
+  ASSERT_EQ(off.status, 0) << off.err;
+  const auto joff = nlohmann::json::parse(off.out).at("host");
+  EXPECT_EQ(joff.at("zero_page").get<bool>(), kernel) << "0 never denies a real zero page";
+  EXPECT_FALSE(joff.at("zero_page_emulated").get<bool>());
 }
 
 TEST_F(Cli, ReplayExampleTraces_ExitZeroAndJsonParses) {

@@ -25,8 +25,10 @@
 #include <vector>
 
 #include "cli_input.h"
+#include "host_facts_json.h"
 #include "gfnmap/async_pf.h"
 #include "gfnmap/dirty.h"
+#include "gfnmap/host_facts.h"
 #include "gfnmap/kvm.h"
 #include "gfnmap/linux_host.h"
 #include "gfnmap/memslot.h"
@@ -42,7 +44,7 @@ namespace {
 constexpr int kRunSchemaVersion = 2;
 constexpr uint64_t kGuestBase = uint64_t{1} << 32;  // gpa of slot 0: 1G aligned
 // Largest guest memory given to a real VM: with the shadow MMU the kernel allocates per-page
-// metadata for every valid slot (docs/kvm.md), and this machine is shared.
+// metadata for every valid slot (docs/kvm.md), and the host may be shared.
 constexpr uint64_t kKvmMaxBytes = uint64_t{1} << 30;
 // Word 0 of page p of a generated snapshot (every other byte of it is zero).
 constexpr uint64_t snapshot_word(uint64_t page) { return 0x5eed000000000000ull | page; }
@@ -754,6 +756,7 @@ int run_workload(const RunOptions& o) {
   if (o.json) {
     nlohmann::json j;
     j["schema_version"] = kRunSchemaVersion;
+    j["host"] = host_facts_json(host_facts());  // what the result ran on
     j["config"] = {{"vcpus", o.vcpus},
                    {"memory_bytes", w.bytes},
                    {"slots", o.slots},
@@ -776,8 +779,10 @@ int run_workload(const RunOptions& o) {
     j["backends"] = nlohmann::json::array();
     if (eng) j["backends"].push_back("engine");
     if (kv) j["backends"].push_back("kvm");
-    j["kvm_skipped"] = use_kvm || kvm_why.empty() ? nlohmann::json(nullptr) : nlohmann::json(kvm_why);
-    if (!use_kvm && kvm_why.empty()) j["kvm_skipped"] = "--backend engine";
+    // Why the real guest did not run: the user's choice first, then what prevented it.
+    j["kvm_skipped"] = use_kvm              ? nlohmann::json(nullptr)
+                       : o.backend == "engine" ? nlohmann::json("--backend engine")
+                                               : nlohmann::json(kvm_why);
     j["pages"] = w.pages;
     j["pages_per_vcpu"] = w.per_vcpu;
     j["checksum"] = {{"predictable", w.predictable()},
@@ -861,6 +866,13 @@ int run_workload(const RunOptions& o) {
   if (o.backing == "uffd") {
     std::printf("  snapshot: %s\n", snap.generated ? "generated (word 0 of page p = 0x5eed000000000000 | p)"
                                                    : snap.path.c_str());
+  }
+  {
+    const HostFacts& f = host_facts();
+    std::printf("  host: kernel %s, zero page %s, THP %s, uffd %s, kvm %s\n",
+                f.kernel_release.c_str(), f.zero_page ? "yes" : "no",
+                f.thp_enabled.empty() ? "none" : f.thp_enabled.c_str(),
+                f.uffd_available() ? "yes" : "no", f.kvm_available() ? "yes" : "no");
   }
   if (!use_kvm && o.backend.empty()) std::printf("  kvm backend skipped: %s\n", kvm_why.c_str());
   const bool kvm_ok = kv && kv->ok();

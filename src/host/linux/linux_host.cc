@@ -13,10 +13,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bitset>
 #include <cerrno>
 #include <cstring>
 
 #include "abi.h"
+#include "gfnmap/host_facts.h"
 #include "region.h"
 
 namespace gfnmap {
@@ -139,30 +141,18 @@ Result<std::unique_ptr<LinuxHost>> LinuxHost::create(Options options) {
     return make_error(errno, "cannot open /proc/self/pagemap: ", std::strerror(errno));
   }
   host->kpageflags_fd_ = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
-  if (host->pagemap_fd_ >= 0) {
-    // Probe: are PFN bits visible (CAP_SYS_ADMIN)? Is PAGEMAP_SCAN there (6.7+)?
-    void* probe = mmap(nullptr, kPageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0);
-    if (probe != MAP_FAILED) {
-      static_cast<volatile char*>(probe)[0] = 1;
-      uint64_t entry = 0;
-      Hva h(reinterpret_cast<uint64_t>(probe));
-      if (pread(host->pagemap_fd_, &entry, 8, static_cast<off_t>((h.value >> kPageShift) * 8)) ==
-          8) {
-        host->physical_pfns_ = (entry & linux_abi::kPmPresent) && (entry & linux_abi::kPmPfnMask);
-      }
-      linux_abi::PageRegion vec[1];
-      linux_abi::PmScanArg arg{};
-      arg.size = sizeof arg;
-      arg.start = h.value;
-      arg.end = h.value + kPageSize;
-      arg.vec = reinterpret_cast<uint64_t>(vec);
-      arg.vec_len = 1;
-      arg.return_mask = linux_abi::kPageIsPresent | linux_abi::kPageIsHuge;
-      host->has_pagemap_scan_ = ioctl(host->pagemap_fd_, linux_abi::kPagemapScan, &arg) >= 0;
-      munmap(probe, kPageSize);
-    }
+  const HostFacts& facts = host_facts();
+  host->physical_pfns_ = host->pagemap_fd_ >= 0 && facts.pagemap_pfns;
+  host->has_pagemap_scan_ = host->pagemap_fd_ >= 0 && facts.pagemap_scan;
+  // The zero page: followed as probed; assumed on a kernel without it by emulation (reads of
+  // untouched private anonymous pages are kept read-only); never denied on a kernel with it.
+  const bool kernel_zero_page = facts.zero_page && !facts.zero_page_emulated;
+  host->zero_page_ = options.zero_page.value_or(facts.zero_page);
+  if (!host->zero_page_ && kernel_zero_page) {
+    return make_error(EINVAL, "LinuxHost: zero_page = false on a kernel that maps the shared "
+                      "zero page (", facts.zero_page_how, ")");
   }
+  host->emulate_zero_page_ = host->zero_page_ && !kernel_zero_page;
   if (options.pfn_source == PfnSource::kPagemap && !host->physical_pfns_) {
     return make_error(EPERM, "pagemap PFN bits are not readable (needs CAP_SYS_ADMIN)");
   }
@@ -723,12 +713,44 @@ void LinuxHost::note_populated(const LinuxRegion& r, Hva hva, bool write) {
   pa.state[i].store(st, std::memory_order_release);
 }
 
+std::bitset<LinuxHost::kMaxWindow> LinuxHost::zero_page_candidates(const LinuxRegion& r,
+                                                                   Hva start, uint64_t n,
+                                                                   bool write) {
+  std::bitset<kMaxWindow> fresh;
+  if (!emulate_zero_page_ || write || r.kind != RegionKind::kAnonymous || n > kMaxWindow) {
+    return fresh;
+  }
+  uint64_t entries[kMaxWindow];
+  const auto want = static_cast<ssize_t>(n * 8);
+  if (pagemap_fd_ < 0 || pread(pagemap_fd_, entries, static_cast<size_t>(want),
+                               static_cast<off_t>((start.value >> kPageShift) * 8)) != want) {
+    return fresh;
+  }
+  for (uint64_t k = 0; k < n; ++k) {
+    if (!(entries[k] & (linux_abi::kPmPresent | linux_abi::kPmSwapped))) fresh.set(k);
+  }
+  return fresh;
+}
+
+void LinuxHost::keep_read_only(const LinuxRegion& r, Hva start, uint64_t n,
+                               const std::bitset<kMaxWindow>& fresh) {
+  if (fresh.none()) return;
+  PageArrays& pa = *r.pages;
+  for (uint64_t k = 0; k < n; ++k) {
+    if (fresh.test(k)) {
+      pa.state[pa.index(start + k * kPageSize)].fetch_and(static_cast<uint8_t>(~kPageWritable),
+                                                          std::memory_order_release);
+    }
+  }
+}
+
 bool LinuxHost::populate_window(const LinuxRegion& r, Hva start, Hva end, bool write) {
+  const uint64_t n = (end - start) >> kPageShift;
+  const std::bitset<kMaxWindow> fresh = zero_page_candidates(r, start, n, write);
   if (madvise(ptr(start), end - start, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
     return false;
   }
   PageArrays& pa = *r.pages;
-  const uint64_t n = (end - start) >> kPageShift;
   uint64_t entries[512];
   const bool need_pagemap = physical_pfns_ || !write;
   if (need_pagemap) {
@@ -737,6 +759,7 @@ bool LinuxHost::populate_window(const LinuxRegion& r, Hva start, Hva end, bool w
         pread(pagemap_fd_, entries, static_cast<size_t>(want),
               static_cast<off_t>((start.value >> kPageShift) * 8)) != want) {
       for (uint64_t k = 0; k < n; ++k) note_populated(r, start + k * kPageSize, write);
+      keep_read_only(r, start, n, fresh);
       return true;
     }
   }
@@ -756,6 +779,7 @@ bool LinuxHost::populate_window(const LinuxRegion& r, Hva start, Hva end, bool w
     pa.pfn[idx].store(pfn, std::memory_order_relaxed);
     pa.state[idx].store(kPagePresent | (writable ? kPageWritable : 0), std::memory_order_release);
   }
+  keep_read_only(r, start, n, fresh);
   return true;
 }
 
@@ -893,6 +917,8 @@ long LinuxHost::slow_get(const LinuxRegion& r, Hva hva, FollFlags flags, Page* p
     const bool done = !replaces && options_.fault_around != FaultAround::kOff &&
                       (r.kind == RegionKind::kAnonymous || r.kind == RegionKind::kMemfdShared) &&
                       fault_around(r, pg, write);
+    const std::bitset<kMaxWindow> fresh = done ? std::bitset<kMaxWindow>()
+                                               : zero_page_candidates(r, pg, 1, write);
     if (!done &&
         madvise(ptr(pg), kPageSize, write ? MADV_POPULATE_WRITE : MADV_POPULATE_READ) != 0) {
       const int e = errno;
@@ -911,7 +937,10 @@ long LinuxHost::slow_get(const LinuxRegion& r, Hva hva, FollFlags flags, Page* p
           return -EFAULT;
       }
     }
-    if (!done) note_populated(r, pg, write);
+    if (!done) {
+      note_populated(r, pg, write);
+      keep_read_only(r, pg, 1, fresh);
+    }
     if (replaces) {
       invalidate_end(pg, pg + kPageSize);
       note_populated(r, pg, write);  // invalidate_end forgot it

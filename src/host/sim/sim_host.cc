@@ -480,11 +480,13 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
         ++counts.page_ins;
         continue;
       }
-      if (!write) {
+      if (!write && cfg.zero_page) {
         map_pte_locked(pg, cfg.first_pfn, false, false, true);
         ++counts.zero_page_maps;
         continue;
       }
+      // A write, or a read on a host without the zero page: a fresh exclusive page (a THP where
+      // the range allows), writable when the VMA allows, dirty only when written.
       const uint64_t rs = align_down(addr, detail::k2M);
       if (v->backing == PageBacking::kThp && rs >= v->start && rs + detail::k2M <= v->end) {
         auto first = ptes.lower_bound(page_no(rs));
@@ -492,14 +494,14 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
           const uint64_t n = detail::k2M / kPageSize;
           uint64_t base = alloc_frames_locked(n, n, FrameKind::kAnon);
           for (uint64_t i = 0; i < n; ++i) {
-            map_pte_locked(page_no(rs) + i, base + i, has(v->prot, Prot::kWrite), true, true);
+            map_pte_locked(page_no(rs) + i, base + i, has(v->prot, Prot::kWrite), write, true);
           }
           huge[rs] = PgLevel::k2M;
           continue;
         }
       }
       uint64_t npfn = alloc_frames_locked(1, 1, FrameKind::kAnon);
-      map_pte_locked(pg, npfn, has(v->prot, Prot::kWrite), true, true);
+      map_pte_locked(pg, npfn, has(v->prot, Prot::kWrite), write, true);
       continue;
     }
 

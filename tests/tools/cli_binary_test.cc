@@ -137,6 +137,16 @@ std::string trace_options(const std::string& file) {
   return "";
 }
 
+// The host-fact scenarios (the model with a fact switched, "config": {"zero_page": false})
+// pass on every machine: both branches of a fact-dependent row run everywhere.
+TEST_F(Cli, ExplainHostFactScenarios_Pass) {
+  CliResult r = gfnmap("explain --json scenarios/host-facts");
+  ASSERT_EQ(r.status, 0) << r.out << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_GE(j.at("passed").get<int>(), 1);
+  EXPECT_EQ(j.at("failed").get<int>(), 0);
+}
+
 // `info` reports this host's probed facts, the same ones this test process probes.
 TEST_F(Cli, Info_ReportsTheProbedHostFacts) {
   const gfnmap::HostFacts& facts = gfnmap::host_facts();

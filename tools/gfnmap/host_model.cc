@@ -49,9 +49,10 @@ HostModel::HostModel(const JsonReader& host) {
     host.expect_object({"config", "files", "vmas", "ops"});
     if (host.has("config")) {
       JsonReader c = host.at("config");
-      c.expect_object({"hva_base", "first_pfn"});
+      c.expect_object({"hva_base", "first_pfn", "zero_page"});
       if (auto v = c.opt_u64("hva_base")) config.hva_base = Hva(*v);
       if (auto v = c.opt_u64("first_pfn")) config.first_pfn = *v;
+      if (auto v = c.opt_bool("zero_page")) config.zero_page = *v;
     }
   }
   sim_ = std::make_unique<SimHost>(config);

@@ -819,7 +819,7 @@ TEST(LinuxHostFaultAround, FailedWindowFallsBackToThePage) {
   close(fd);
 }
 
-// The errnos MADV_POPULATE_* gives on this kernel (MACHINE.md), which the slow path classifies.
+// The errnos MADV_POPULATE_* gives (Linux 5.14 and later), which the slow path classifies.
 TEST(LinuxKernelFacts, MadvPopulateErrnos) {
   void* ro = mmap(nullptr, kPageSize, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   ASSERT_NE(ro, MAP_FAILED);

@@ -118,7 +118,7 @@ GFNMAP_VERB("replay", "apply a memslot operation trace and print each result and
                   ->required();
               cmd.add_flag("--json", opt->json, "print one JSON object instead of text");
               cmd.add_option("--address-spaces", opt->address_spaces,
-                             "number of address spaces, 1 or 2 (default 1, as on this machine)")
+                             "number of address spaces, 1 or 2 (default 1, as on x86 without SMM)")
                   ->check(CLI::Range(1u, 2u));
               cmd.add_option("--slots", opt->slots,
                              "user slots per address space (KVM_USER_MEM_SLOTS; default 32764, "

@@ -96,7 +96,7 @@ TEST_F(DirtyTest, Spec75_GetDirtyLogErrnos) {
   EXPECT_EQ(l2.get_dirty_log(7, buf).code(), ENOENT);                     // absent
   EXPECT_EQ(l2.get_dirty_log(6, buf).code(), ENOENT);                     // not logging
   EXPECT_EQ(l2.get_dirty_log(5, std::span<uint64_t>()).code(), EFAULT);   // buffer too small
-  // One address space: as_id 1 is EINVAL (as on this machine).
+  // One address space: as_id 1 is EINVAL (as on x86 without SMM).
   std::vector<uint64_t> b2(1);
   EXPECT_EQ(log.get_dirty_log(dirty_log_slot(1, 0), b2).code(), EINVAL);
   EXPECT_EQ(log.get_dirty_log(kUserMemSlots, b2).code(), EINVAL);

@@ -133,7 +133,7 @@ TEST(MemslotChecks, Row09_GuestMemfdOffsetUnalignedOrOverflowing_EINVAL) {
 }
 
 TEST(MemslotChecks, Row10_AddressSpaceOutOfRange_EINVAL) {
-  Memslots one;  // 1 address space (this machine: no SMM)
+  Memslots one;  // 1 address space (x86 without SMM)
   EXPECT_MEMSLOT_ERROR(one.set_memory_region(region(0, 0, kMiB, kHvaBase, 0, 1)), EINVAL,
                        "address space 1 >= 1 address spaces");
   MemslotsConfig config;

@@ -196,7 +196,7 @@ TEST(Traces, Lifecycle_ChangeKindsAndFinalTable) {
   EXPECT_EQ(r.final_slots[1].id, 1u);
 }
 
-// Spec 7.2: the checks in KVM's order, each with its errno.
+// Spec 7.4: the checks in KVM's order, each with its errno.
 TEST(Traces, Errors_EachCheckGivesItsErrno) {
   ReplayReport r = replay("errors.trace");
   EXPECT_EQ(r.expect_failures, 0u);

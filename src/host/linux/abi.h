@@ -1,4 +1,4 @@
-// gfnmap linux ABI: kernel interfaces newer than this machine's 6.1 system headers (PAGEMAP_SCAN,
+// gfnmap linux ABI: kernel interfaces newer than Debian 12's 6.1 system headers (PAGEMAP_SCAN,
 // UFFDIO_POISON, newer uffd features), defined here with static_asserts and probed at run time.
 #pragma once
 

@@ -466,13 +466,15 @@ TEST_F(LinuxHostTest, FileSharedWriteReachesTheFile) {
 }
 
 TEST_F(LinuxHostTest, ThpMappingLevelIs2M) {
+  const std::string& thp = host_facts().thp_enabled;
+  if (thp.empty() || thp == "never") GTEST_SKIP() << "THP is " << (thp.empty() ? "not built" : thp);
   RegionInfo r = make(RegionKind::kThp, 4 * k2M);
   const Hva block((r.start.value + k2M - 1) & ~(k2M - 1));
   Page page;
   ASSERT_EQ(gup(block + 5 * kPageSize, kFollWrite, &page), 1);
   host->put_page(page);
   if (host->host_mapping_level(block) != PgLevel::k2M) {
-    GTEST_SKIP() << "no THP was allocated for the 2M block (THP disabled or fragmented memory)";
+    GTEST_SKIP() << "no THP was allocated for the 2M block (THP " << thp << ", memory fragmented)";
   }
   // The whole block is present now: a neighbour hits the fast path.
   Page fast;

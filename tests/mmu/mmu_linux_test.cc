@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gfnmap/dirty.h"
+#include "gfnmap/host_facts.h"
 #include "gfnmap/linux_host.h"
 #include "gfnmap/memslot.h"
 #include "gfnmap/mmu.h"
@@ -120,6 +121,8 @@ TEST_F(MmuLinuxTest, Real_ProtectReadOnlyMakesWritesFaultEfault) {
 
 TEST_F(MmuLinuxTest, Real_ThpGives2MLeafWhenTheKernelBacksItHuge) {
   constexpr uint64_t k2M = uint64_t{2} << 20;
+  const std::string& thp = host_facts().thp_enabled;
+  if (thp.empty() || thp == "never") GTEST_SKIP() << "THP is " << (thp.empty() ? "not built" : thp);
   RegionInfo r = region(RegionKind::kThp, 2 * k2M);
   Hva aligned((r.start.value + k2M - 1) & ~(k2M - 1));
   slot(kGpa, k2M, aligned);

@@ -12,6 +12,7 @@
 
 #include "gfnmap/dirty.h"
 #include "gfnmap/memslot.h"
+#include "host_facts_banner.h"
 
 namespace {
 
@@ -270,4 +271,11 @@ BENCHMARK(BM_BitmapToRanges)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_RingFloor)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_RingPushHarvestReset)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  gfnmap::bench::add_host_facts_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

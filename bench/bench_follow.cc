@@ -5,6 +5,7 @@
 #include "gfnmap/follow.h"
 #include "gfnmap/memslot.h"
 #include "gfnmap/sim_host.h"
+#include "host_facts_banner.h"
 
 namespace {
 
@@ -192,4 +193,11 @@ BENCHMARK(BM_FaultinRemapped);
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  gfnmap::bench::add_host_facts_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gfnmap/memslot.h"
+#include "host_facts_banner.h"
 #include "memslot/test_peer.h"
 
 namespace {
@@ -252,4 +253,11 @@ BENCHMARK(BM_Delete)->Apply(sizes)->UseManualTime();
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  gfnmap::bench::add_host_facts_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,7 +1,8 @@
 // gfnmap benchmark: lazy restore of 1 GiB from a file snapshot through userfaultfd. The page
-// server (without and with sequential prefetch) against a minimal handler in the same run.
+// server (without and with sequential prefetch) against a minimal handler in the same run; the
+// medians of faults/s and their ratios to the minimal handler are printed after the table.
 //
-//   build-linux/bench/bench_uffd --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+//   build/release/bench/bench_uffd --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 // Arg: MiB restored (1024 by default registration; smaller for quick runs with --benchmark_filter).
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -23,7 +25,9 @@
 #include <benchmark/benchmark.h>
 
 #include "gfnmap/uffd.h"
+#include "host_facts_banner.h"
 #include "minimal_uffd_handler.h"
+#include "same_run.h"
 
 namespace gfnmap {
 namespace {
@@ -65,6 +69,13 @@ void touch_all(const char* p, uint64_t size) {
   }
 }
 
+// Keeps one repetition's rate under `key` for the ratios printed after the table.
+void record_rate(const char* key, uint64_t pages, std::chrono::steady_clock::time_point t0) {
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  bench::record(key, static_cast<double>(pages) / secs);
+}
+
 void set_counters(benchmark::State& state, uint64_t pages) {
   state.counters["faults_per_s"] = benchmark::Counter(
       static_cast<double>(pages) * static_cast<double>(state.iterations()),
@@ -87,7 +98,9 @@ void BM_MinimalHandler(benchmark::State& state) {
     ioctl(uffd, UFFDIO_REGISTER, &reg);
     bench::MinimalUffdHandler handler(uffd, p, snap);
     state.ResumeTiming();
+    const auto t0 = std::chrono::steady_clock::now();
     touch_all(p, size);
+    record_rate("minimal handler", size / kPageSize, t0);
     state.PauseTiming();
     handler.stop();
     close(uffd);
@@ -122,8 +135,11 @@ void BM_PageServer(benchmark::State& state) {
     }
     auto base = (*server)->map_lazy(nullptr, size);
     state.ResumeTiming();
+    const auto t0 = std::chrono::steady_clock::now();
     if (!(*server)->start().ok()) state.SkipWithError("start");
     touch_all(reinterpret_cast<const char*>(base->value), size);
+    record_rate(prefetch ? "page server, sequential prefetch" : "page server, no prefetch",
+                size / kPageSize, t0);
     state.PauseTiming();
     last = (*server)->stats();
     server->reset();
@@ -155,7 +171,27 @@ const bool registered = [] {
   return true;
 }();
 
+void print_restore_ratios() {
+  if (bench::samples().empty()) return;
+  bench::print_samples("pages restored per second");
+  std::printf("Medians over repetitions (this run), %d MiB:\n", mib());
+  const std::pair<const char*, std::string> minimal{"minimal handler", "minimal handler"};
+  bench::print_ratios("minimal handler", "minimal handler", {}, "faults/s");
+  bench::print_ratios("page server, no prefetch", "page server, no prefetch", {minimal},
+                      "faults/s");
+  bench::print_ratios("page server, sequential prefetch", "page server, sequential prefetch",
+                      {minimal}, "pages/s");
+}
+
 }  // namespace
 }  // namespace gfnmap
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  gfnmap::bench::add_host_facts_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  gfnmap::print_restore_ratios();
+  return 0;
+}

@@ -81,14 +81,16 @@ TEST(HostFacts, CachedOnceAndEqualToAFreshProbe) {
   EXPECT_FALSE(a.kernel_release.empty());
 }
 
-// The probe maps, opens and faults in a few pages: afterwards the process has the same
-// mappings and file descriptors as before.
+// The probe maps, opens and faults in a few pages: afterwards the process has the same file
+// descriptors, and 20 more probes add no mapping (the allocator may keep a region or two of its
+// own after the warm-up, under a sanitizer more; a leak of the probe's 3 mappings per run would
+// add 60).
 TEST(HostFacts, ProbeLeavesNoMappingOrFdBehind) {
-  (void)probe_host_facts();  // first use may set up lazily allocated libc state
+  for (int i = 0; i < 3; ++i) (void)probe_host_facts();  // warm up allocator and libc state
   const size_t maps = count_lines("/proc/self/maps");
   const size_t fds = count_entries("/proc/self/fd");
-  for (int i = 0; i < 5; ++i) (void)probe_host_facts();
-  EXPECT_EQ(count_lines("/proc/self/maps"), maps);
+  for (int i = 0; i < 20; ++i) (void)probe_host_facts();
+  EXPECT_LE(count_lines("/proc/self/maps"), maps + 10);
   EXPECT_EQ(count_entries("/proc/self/fd"), fds);
 }
 

@@ -1,0 +1,108 @@
+// gfnmap serve: the page server a VMM hands its userfaultfd to (Firecracker's `Uffd` memory
+// backend). A ServeServer listens on a Unix stream socket; each connection is one session: one
+// handshake message (a JSON array of guest-memory regions with the VMM's userfaultfd in
+// SCM_RIGHTS), then missing-page faults of that VMM served from one memory file mapped once for
+// every session. Protocol and failure semantics: docs/serve.md.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "gfnmap/types.h"
+
+namespace gfnmap::uffd {
+
+// One guest-memory region of a handshake: [base_host_virt_addr, +size) of the VMM's address
+// space is backed by [offset, +size) of the memory file, in page_size pages (4K or 2M).
+struct ServeRegion {
+  uint64_t base_host_virt_addr = 0;
+  uint64_t size = 0;
+  uint64_t offset = 0;
+  uint64_t page_size = 4096;
+};
+
+// Parses a handshake message: a JSON array of region objects. page_size is read from
+// "page_size", else from "page_size_kib" (which holds bytes despite its name), else 4096 (the
+// old three-field form). EINVAL with the field and the region index in the message for
+// malformed JSON, a missing or non-integer field. Unknown fields are ignored.
+Result<std::vector<ServeRegion>> parse_handshake(std::string_view json);
+
+// Checks regions against each other and the memory file: not empty, page size 4K or 2M, base,
+// size and offset aligned to it, no two regions overlapping in the VMM's address space, none
+// reaching past file_size. EINVAL (ERANGE for past the end) naming the region and field.
+Result<void> validate_regions(const std::vector<ServeRegion>& regions, uint64_t file_size);
+
+// What a session did. Times are nanoseconds.
+struct SessionReport {
+  uint64_t id = 0;         // 1, 2, ... in accept order
+  int peer_pid = -1;       // SO_PEERCRED of the connection
+  bool accepted = false;   // the handshake was valid
+  bool failed = false;     // refused handshake or a serving error (not a normal hangup)
+  std::string end_reason;  // "peer hung up", "server stopped", or the error
+  std::vector<ServeRegion> regions;
+  uint64_t handshake_ns = 0;    // connect -> handshake accepted
+  uint64_t last_fault_ns = 0;   // handshake -> the last demand fault served
+  uint64_t duration_ns = 0;     // connect -> end
+  uint64_t faults = 0;          // demand faults read
+  uint64_t faults_served = 0;   // served by a copy, a zero page or a wake
+  uint64_t pages_copied = 0;    // UFFDIO_COPY
+  uint64_t pages_zeroed = 0;    // UFFDIO_ZEROPAGE (or a copy of zeros for 2M pages)
+  uint64_t removes = 0;         // UFFD_EVENT_REMOVE
+  uint64_t unmaps = 0;          // UFFD_EVENT_UNMAP
+  uint64_t remaps = 0;          // UFFD_EVENT_REMAP
+  uint64_t eagain_deferrals = 0;  // EAGAIN: events read first, then the fault retried
+  uint64_t eexist_wakes = 0;      // EEXIST: the page was there, the faulter woken
+  uint64_t latency_p50_ns = 0, latency_p99_ns = 0, latency_max_ns = 0;  // read -> placed
+};
+
+struct ServeOptions {
+  std::string socket_path;  // bound and listened on; an existing socket file is replaced
+  std::string memory_file;  // the guest memory snapshot, mapped read-only once
+  unsigned threads = 2;     // handler threads shared by all sessions (1..64)
+  // A connection that has not completed its handshake after this long is refused.
+  unsigned handshake_timeout_ms = 5000;
+  // Called on a handler thread when a session ends (refused, peer gone, server stopped).
+  std::function<void(const SessionReport&)> on_session_end;
+  // Called on a handler thread when a session's handshake was accepted.
+  std::function<void(const SessionReport&)> on_session_start;
+};
+
+// A one-line human summary of a report; and the report as a compact JSON object.
+std::string to_string(const SessionReport& report);
+std::string to_json(const SessionReport& report);
+
+// The server. create() maps the memory file and binds the socket; start() starts the handler
+// threads, which accept connections and serve every session (epoll, one thread per session at
+// a time, so a slow or dead VMM holds at most one thread for one fault).
+class ServeServer {
+ public:
+  static Result<std::unique_ptr<ServeServer>> create(ServeOptions options);
+  ~ServeServer();  // stop(), then unlinks the socket and unmaps the file
+  ServeServer(const ServeServer&) = delete;
+  ServeServer& operator=(const ServeServer&) = delete;
+
+  Result<void> start();
+  // Stops accepting, ends every session ("server stopped"; their VMMs' pending faults stay
+  // unserved) and joins the threads. Idempotent, callable from any thread but a handler.
+  void stop();
+
+  uint64_t memory_file_size() const;
+  const std::string& socket_path() const;
+  // Sessions connected (handshake accepted or not) and not yet ended.
+  unsigned active_sessions() const;
+  uint64_t sessions_started() const;  // connections accepted
+  uint64_t sessions_ended() const;
+  uint64_t sessions_failed() const;
+
+  struct Impl;
+
+ private:
+  explicit ServeServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gfnmap::uffd

@@ -131,7 +131,8 @@ void BM_FirstTouch_Floor_PopulatePerPage(benchmark::State& state) {
             kvm::guest_write_value(Gpa(kGuestBase + off), 0);
       }
     }
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     munmap(mem, bytes);
     state.SetIterationTime(secs);
     samples()[touch ? "floor_populate_touch_ns" : "floor_populate_only_ns"].push_back(

@@ -225,128 +225,81 @@ void BM_TableHit(benchmark::State& state) {
 }
 BENCHMARK(BM_TableHit)->Arg(1)->Arg(8)->Arg(64)->Iterations(1)->Unit(benchmark::kMillisecond);
 
-// ns per 4K page of 1 GiB over all iterations (a rate counter, inverted).
-benchmark::Counter ns_per_page(const benchmark::State& state) {
-  return benchmark::Counter(
-      static_cast<double>(kGiB / kPageSize) * static_cast<double>(state.iterations()),
-      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
-}
-double ns_per_page(double seconds) { return seconds * 1e9 / static_cast<double>(kGiB / kPageSize); }
-
-// Floors of the 1 GiB fault-in, ns per 4K page: MADV_POPULATE_WRITE of 1 GiB (4K or THP).
-// per_page: one system call per 4K page instead of one for the whole GiB, KVM's shape (one GUP
-// per fault) with nothing else; the gap between the two 4K floors is the system calls.
-// touch: then one 8-byte write to each 4K page, timed with the populate. The fault-ins below
-// write every page once, so populate + touch is their floor: on a host where the first user
-// touch of a populated page is itself costly (a shadow-page fill by an outer hypervisor,
-// ~5 us a page on some VMs), populate only is no floor for them. Both are reported.
-void populate_floor(benchmark::State& state, bool thp, bool per_page, bool touch,
-                    const char* key) {
-  for (auto _ : state) {
-    void* p = mmap(nullptr, kGiB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      state.SkipWithError("mmap failed");
-      return;
-    }
-    madvise(p, kGiB, thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
-    auto* base = static_cast<std::byte*>(p);
-    auto t0 = std::chrono::steady_clock::now();
-    if (per_page) {
-      for (uint64_t off = 0; off < kGiB; off += kPageSize) {
-        madvise(base + off, kPageSize, MADV_POPULATE_WRITE);
-        if (touch) *reinterpret_cast<volatile uint64_t*>(base + off) = off;
-      }
-    } else {
-      madvise(p, kGiB, MADV_POPULATE_WRITE);
-      if (touch) {
-        for (uint64_t off = 0; off < kGiB; off += kPageSize) {
-          *reinterpret_cast<volatile uint64_t*>(base + off) = off;
-        }
-      }
-    }
-    auto t1 = std::chrono::steady_clock::now();
-    const double secs = std::chrono::duration<double>(t1 - t0).count();
-    state.SetIterationTime(secs);
-    bench::record(key, ns_per_page(secs));
-    munmap(p, kGiB);
-  }
-  state.counters["ns_per_page"] = ns_per_page(state);
-}
-void BM_FaultIn1G_PopulateWriteTouchFloor4K(benchmark::State& s) {
-  populate_floor(s, false, false, true, "floor_populate_touch_4k");
-}
-void BM_FaultIn1G_PopulateWriteFloor4K(benchmark::State& s) {
-  populate_floor(s, false, false, false, "floor_populate_only_4k");
-}
-void BM_FaultIn1G_PopulateWritePerPageTouchFloor4K(benchmark::State& s) {
-  populate_floor(s, false, true, true, "floor_populate_touch_per_page_4k");
-}
-void BM_FaultIn1G_PopulateWritePerPageFloor4K(benchmark::State& s) {
-  populate_floor(s, false, true, false, "floor_populate_only_per_page_4k");
-}
-void BM_FaultIn1G_PopulateWriteTouchFloorThp(benchmark::State& s) {
-  populate_floor(s, true, false, true, "floor_populate_touch_thp");
-}
-void BM_FaultIn1G_PopulateWriteFloorThp(benchmark::State& s) {
-  populate_floor(s, true, false, false, "floor_populate_only_thp");
-}
-BENCHMARK(BM_FaultIn1G_PopulateWriteTouchFloor4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_PopulateWriteFloor4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_PopulateWritePerPageTouchFloor4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_PopulateWritePerPageFloor4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_PopulateWriteTouchFloorThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_PopulateWriteFloorThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-
 // gfnmap: first-touch write of every page of 1 GiB through Vcpu::write_u64 (8 bytes at the
 // start of each 4K page): per page, the resolve (an MMU fault, then the table), the host's
-// populate (one per page, or one per fault-around window) and one write, the work of the
-// populate + touch floor above. `key` names the per-repetition sample.
-void fault_in(benchmark::State& state, const char* key, RegionKind kind,
+// populate (one per page, or one per fault-around window) and one write. Its floors run beside
+// it in each repetition (bench::run_paired): MADV_POPULATE_WRITE of 1 GiB plus one write per
+// page, the same work without gfnmap, and populate only, labelled (bench/same_run.h says why
+// populate only is no floor on some hosts). The counters x_<floor> are this repetition's ratios.
+void fault_in(benchmark::State& state, const std::string& key,
+              const std::vector<bench::FloorSpec>& floors, RegionKind kind,
               FaultAround fault_around = FaultAround::kSequential, uint32_t fault_around_pages = 0,
               bool pte_prefetch = false) {
-  double metadata_pct = 0;
-  uint64_t faults = 0;
-  uint64_t ahead = 0;
+  const uint64_t pages = kGiB / kPageSize;
   for (auto _ : state) {
-    Guest g;
-    if (!g.init(kGiB, 1, kind, state, fault_around, fault_around_pages, pte_prefetch)) return;
-    auto t0 = std::chrono::steady_clock::now();
-    g.touch_all();
-    auto t1 = std::chrono::steady_clock::now();
-    const double secs = std::chrono::duration<double>(t1 - t0).count();
-    state.SetIterationTime(secs);
-    bench::record(key, ns_per_page(secs));
-    metadata_pct = 100.0 * static_cast<double>(g.mmu->metadata_bytes()) / static_cast<double>(kGiB);
-    faults += g.mmu->stats().faults;
-    ahead += g.host->stats().populated_ahead;
+    double metadata_pct = 0;
+    uint64_t faults = 0;
+    uint64_t ahead = 0;
+    auto subject = [&]() -> double {
+      Guest g;
+      if (!g.init(kGiB, 1, kind, state, fault_around, fault_around_pages, pte_prefetch)) return -1;
+      auto t0 = std::chrono::steady_clock::now();
+      g.touch_all();
+      auto t1 = std::chrono::steady_clock::now();
+      metadata_pct =
+          100.0 * static_cast<double>(g.mmu->metadata_bytes()) / static_cast<double>(kGiB);
+      faults = g.mmu->stats().faults;
+      ahead = g.host->stats().populated_ahead;
+      return std::chrono::duration<double>(t1 - t0).count();
+    };
+    const std::vector<double> secs = bench::run_paired(subject, floors, kGiB);
+    if (secs.empty()) {
+      if (!state.error_occurred()) state.SkipWithError("mmap failed");
+      return;
+    }
+    bench::report_paired(state, key, pages, secs, floors);
+    state.counters["metadata_pct"] = metadata_pct;
+    state.counters["faults_per_page"] = static_cast<double>(faults) / static_cast<double>(pages);
+    // Host system calls per page: 1 without fault-around, 1/window with it.
+    state.counters["populates_per_page"] =
+        1.0 - static_cast<double>(ahead) / static_cast<double>(pages);
   }
-  const double pages = static_cast<double>(state.iterations() * (kGiB / kPageSize));
-  state.counters["ns_per_page"] = ns_per_page(state);
-  state.counters["metadata_pct"] = metadata_pct;
-  state.counters["faults_per_page"] = static_cast<double>(faults) / pages;
-  // Host system calls per page: 1 without fault-around, 1/window with it.
-  state.counters["populates_per_page"] = 1.0 - static_cast<double>(ahead) / pages;
 }
+
+// The floors of each fault-in below (bench/same_run.h).
+constexpr std::initializer_list<bench::FloorSpec> kFloors4K = {bench::kPopulateTouch,
+                                                               bench::kPopulateOnly};
+// Fault-around off populates one page per system call: its like-for-like floors are per page
+// (KVM's shape, one GUP per fault), and the whole-GiB populate + touch shows what the system
+// calls cost.
+constexpr std::initializer_list<bench::FloorSpec> kFloorsOff = {
+    bench::kPerPagePopulateTouch, bench::kPerPagePopulateOnly, bench::kPopulateTouch};
+constexpr std::initializer_list<bench::FloorSpec> kFloorsThp = {bench::kThpPopulateTouch,
+                                                                bench::kThpPopulateOnly};
+
 // The defaults: LinuxHost's sequential fault-around, no PTE prefetch.
 void BM_FaultIn1G_Gfnmap4K(benchmark::State& s) {
-  fault_in(s, "gfnmap_4k_default", RegionKind::kAnonymous);
+  fault_in(s, "gfnmap 4K, default (sequential fault-around)", kFloors4K, RegionKind::kAnonymous);
 }
 // KVM's shape: one GUP (one MADV_POPULATE_WRITE) per fault.
 void BM_FaultIn1G_Gfnmap4KFaultAroundOff(benchmark::State& s) {
-  fault_in(s, "gfnmap_4k_fault_around_off", RegionKind::kAnonymous, FaultAround::kOff);
+  fault_in(s, "gfnmap 4K, fault-around off", kFloorsOff, RegionKind::kAnonymous,
+           FaultAround::kOff);
 }
-void BM_FaultIn1G_GfnmapThp(benchmark::State& s) { fault_in(s, "gfnmap_thp", RegionKind::kThp); }
+void BM_FaultIn1G_GfnmapThp(benchmark::State& s) {
+  fault_in(s, "gfnmap THP", kFloorsThp, RegionKind::kThp);
+}
 // A fixed fault-around window (range(0) pages) with the MMU's PTE prefetch (KVM's
 // direct_pte_prefetch): the fault that populates a window also maps the present neighbours of
 // its aligned group of 8, so 7 of 8 pages take no fault.
 void BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch(benchmark::State& s) {
-  const std::string key = "gfnmap_4k_fault_around_" + std::to_string(s.range(0)) + "_prefetch";
-  fault_in(s, key.c_str(), RegionKind::kAnonymous, FaultAround::kFixed,
+  fault_in(s, "gfnmap 4K, fault-around " + std::to_string(s.range(0)) + " + pte_prefetch",
+           kFloors4K, RegionKind::kAnonymous, FaultAround::kFixed,
            static_cast<uint32_t>(s.range(0)), true);
 }
-BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch)->Arg(64)->Arg(512)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundOff)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_Gfnmap4K)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundOff)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FaultIn1G_Gfnmap4KFaultAroundPtePrefetch)->Arg(64)->Arg(512)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FaultIn1G_GfnmapThp)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
 // Invalidation of 1 GiB of 4K leaves (the notifier's work: zap + flush, no host munmap).
@@ -455,32 +408,17 @@ void BM_DirtyLogGetClear1G_MemcpyMemsetFloor(benchmark::State& state) {
 }
 BENCHMARK(BM_DirtyLogGetClear1G_MemcpyMemsetFloor)->UseManualTime()->Iterations(100)->Unit(benchmark::kMillisecond);
 
-// The fault-ins' medians over repetitions and their ratios to the floors of this run.
+// The fault-ins' medians over repetitions and the medians of their per-repetition ratios.
 void print_fault_in_ratios() {
   if (bench::samples().empty()) return;
-  bench::print_samples("ns per 4K page");
-  std::printf("Medians over repetitions (this run), 1 GiB, ns per 4K page:\n");
-  const std::pair<const char*, std::string> touch4k{"populate+touch", "floor_populate_touch_4k"};
-  const std::pair<const char*, std::string> only4k{"populate only", "floor_populate_only_4k"};
-  bench::print_ratios("floor: populate + touch, 4K", "floor_populate_touch_4k", {only4k});
-  bench::print_ratios("floor: populate per page + touch, 4K", "floor_populate_touch_per_page_4k",
-                      {{"per-page populate only", "floor_populate_only_per_page_4k"}});
-  bench::print_ratios("floor: populate + touch, THP", "floor_populate_touch_thp",
-                      {{"THP populate only", "floor_populate_only_thp"}});
-  bench::print_ratios("gfnmap 4K, default (sequential fault-around)", "gfnmap_4k_default",
-                      {touch4k, only4k});
-  bench::print_ratios("gfnmap 4K, fault-around off", "gfnmap_4k_fault_around_off",
-                      {{"per-page populate+touch", "floor_populate_touch_per_page_4k"},
-                       {"per-page populate only", "floor_populate_only_per_page_4k"},
-                       touch4k});
-  for (const char* n : {"64", "512"}) {
-    const std::string label = std::string("gfnmap 4K, fault-around ") + n + " + pte_prefetch";
-    bench::print_ratios(label.c_str(), std::string("gfnmap_4k_fault_around_") + n + "_prefetch",
-                        {touch4k, only4k});
-  }
-  bench::print_ratios("gfnmap THP", "gfnmap_thp",
-                      {{"THP populate+touch", "floor_populate_touch_thp"},
-                       {"THP populate only", "floor_populate_only_thp"}});
+  bench::print_samples("ns per 4K page, and ratios");
+  std::printf("Medians over repetitions (this run), 1 GiB, ns per 4K page; ratios to the floors "
+              "measured beside each repetition:\n");
+  bench::print_paired("gfnmap 4K, default (sequential fault-around)", kFloors4K);
+  bench::print_paired("gfnmap 4K, fault-around off", kFloorsOff);
+  bench::print_paired("gfnmap 4K, fault-around 64 + pte_prefetch", kFloors4K);
+  bench::print_paired("gfnmap 4K, fault-around 512 + pte_prefetch", kFloors4K);
+  bench::print_paired("gfnmap THP", kFloorsThp);
 }
 
 }  // namespace

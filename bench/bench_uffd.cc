@@ -2,7 +2,8 @@
 // server (without and with sequential prefetch) against a minimal handler in the same run; the
 // medians of faults/s and their ratios to the minimal handler are printed after the table.
 //
-//   build/release/bench/bench_uffd --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+//   build/release/bench/bench_uffd --benchmark_repetitions=5
+//       --benchmark_report_aggregates_only=true
 // Arg: MiB restored (1024 by default registration; smaller for quick runs with --benchmark_filter).
 #include <fcntl.h>
 #include <linux/userfaultfd.h>

@@ -36,7 +36,10 @@ struct Memslot {
 
   Gfn end_gfn() const { return base_gfn + npages; }  // exclusive
   Hva hva_end() const { return userspace_addr + npages * kPageSize; }  // exclusive
-  bool contains(Gfn gfn) const { return gfn >= base_gfn && gfn < end_gfn(); }
+  // One unsigned compare (a gfn below base_gfn wraps to a huge offset), so one branch where the
+  // two-sided test has a coin-flip branch for gfns outside the slot. Same answer: a slot's
+  // base_gfn + npages never wraps (KVM's wrap check).
+  bool contains(Gfn gfn) const { return gfn - base_gfn < npages; }
   bool readonly() const { return flags & kMemReadonly; }
   bool logs_dirty() const { return flags & kMemLogDirtyPages; }
   bool invalid() const { return flags & kMemslotInvalid; }
@@ -153,6 +156,12 @@ class MemslotSet {
   MemslotSet() = default;
   const Memslot* gfn_to_memslot_miss(Gfn gfn) const;
   const Memslot* vcpu_gfn_to_memslot_miss(VcpuMemslotCache& cache, Gfn gfn, uint64_t gen) const;
+  // The number of slots whose base gfn is <= gfn (the rank of gfn), for any gfn.
+  size_t rank_of(Gfn gfn) const;
+
+  // Holds no gfn (npages 0), so it is never returned: the empty set's leaf and the VM-wide cache
+  // of a set that has not had a hit yet (the inline cache check then needs no null test).
+  static const Memslot kNoSlot;
 
   // An hva range [start, end) of slot by_gfn_[index].
   struct HvaRange {
@@ -171,11 +180,25 @@ class MemslotSet {
     int32_t right;
   };
 
+  // The lookup's fields first, so that a lookup reads one or two cache lines of the set.
   unsigned as_id_ = 0;
+  // The gfn search tree, one flat array: the base gfns of every slot but the first, as a perfect
+  // binary search tree of depth gfn_tree_depth_ in breadth-first (Eytzinger) order, then one
+  // leaf per slot. Node k (1 <= k < 2^depth) holds a base gfn (~0 past the last slot, which no
+  // gfn passes) and has children 2k and 2k + 1; node 0 is unused. A descent is `depth`
+  // branch-free steps k = 2k + (base[k] <= gfn) and ends at leaf 2^depth + r, where r is the
+  // number of slots after the first that start at or below gfn; that leaf holds by_gfn_[r], the
+  // only slot that can hold gfn. (An empty set has depth 0 and one leaf, &kNoSlot.)
+  union GfnTreeNode {
+    uint64_t base;        // nodes 1 .. 2^depth - 1
+    const Memslot* slot;  // leaves 2^depth .. 2^depth + n - 1
+  };
+  unsigned gfn_tree_depth_ = 0;
   std::atomic<uint64_t> generation_{0};
+  mutable std::atomic<const Memslot*> last_used_slot_{&kNoSlot};  // never null
+  std::vector<GfnTreeNode> gfn_tree_;
   uint32_t nr_user_slots_ = kUserMemSlots;
   std::vector<Memslot> by_gfn_;       // sorted by base_gfn, no overlaps
-  std::vector<uint64_t> base_gfns_;   // by_gfn_[i].base_gfn, for a cache-friendly search
   std::vector<uint32_t> by_id_;       // id -> index + 1 into by_gfn_, 0 when absent
   std::vector<HvaRange> hva_by_start_;  // every slot by (start, id); here `index` is the slot id
   std::vector<HvaRange> hva_chain_;   // pairwise disjoint ranges, sorted (greedy by start)
@@ -183,13 +206,12 @@ class MemslotSet {
   std::vector<HvaNode> hva_nodes_;    // centered interval tree over hva_rest_, root at 0
   std::vector<HvaRange> hva_node_by_start_;
   std::vector<HvaRange> hva_node_by_end_;
-  mutable std::atomic<const Memslot*> last_used_slot_{nullptr};
 };
 
-// The cache hits are inline (a load and a range test); misses search out of line.
+// The cache hits are inline (a load and one range compare); misses search out of line.
 inline const Memslot* MemslotSet::gfn_to_memslot(Gfn gfn) const {
   const Memslot* slot = last_used_slot_.load(std::memory_order_relaxed);
-  if (slot && slot->contains(gfn)) [[likely]] return slot;
+  if (slot->contains(gfn)) [[likely]] return slot;
   return gfn_to_memslot_miss(gfn);
 }
 

@@ -18,49 +18,108 @@ const Memslot* MemslotSet::id_to_memslot(uint16_t id) const {
   return i ? &by_gfn_[i - 1] : nullptr;
 }
 
+const Memslot MemslotSet::kNoSlot{};
+
 namespace {
 
-// Index of the last base <= key, or -1 when every base is greater (or n == 0). Branch-light:
-// halving steps are conditional moves; the last window of at most 8 bases is counted, so its
-// compares run in parallel instead of as a chain of dependent loads. Invariant of the loop:
-// bases before p are <= key, bases from p + n on are > key.
-inline ptrdiff_t last_not_greater(const uint64_t* base, size_t n, uint64_t key) {
-  const uint64_t* p = base;
-  while (n > 8) {
-    const size_t half = n / 2;
-    p = (p[half] <= key) ? p + half : p;
-    n -= half;
+using GfnTreeNode = MemslotSet::Impl::GfnTreeNodeT;
+
+// One step of the descent: k = 2k + (base[k] <= gfn), written as base[k] < gfn + 1 so that it is
+// one compare and one add-with-carry on x86-64 (cmp base[k], gfn + 1 sets the carry exactly when
+// base[k] < gfn + 1; adc k, k adds it to 2k), no branch. GCC spills _addcarry_u64's result in the
+// unrolled descent, hence the asm. Sanitizer builds use the C++ form, which they instrument.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define GFNMAP_MEMSLOT_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || \
+    __has_feature(memory_sanitizer)
+#define GFNMAP_MEMSLOT_SANITIZED 1
+#endif
+#endif
+#if defined(__x86_64__) && !defined(GFNMAP_MEMSLOT_SANITIZED)
+#define GFNMAP_DESCEND_ASM 1
+#endif
+[[gnu::always_inline]] inline size_t descend(const GfnTreeNode* tree, size_t k,
+                                             uint64_t gfn_plus_1) {
+#ifdef GFNMAP_DESCEND_ASM
+  // The "m" operand tells the compiler that the asm reads the tree (an array of unknown size).
+  asm("cmpq %[key], (%[tree], %[k], 8)\n\tadcq %[k], %[k]"
+      : [k] "+r"(k)
+      : [tree] "r"(tree), [key] "r"(gfn_plus_1),
+        "m"(*reinterpret_cast<const GfnTreeNode(*)[]>(tree))
+      : "cc");
+  return k;
+#else
+  return 2 * k + (tree[k].base < gfn_plus_1);
+#endif
+}
+
+// The leaf that gfn_plus_1 - 1 descends to (gfn_plus_1 == 0, i.e. gfn ~0, passes no node and
+// ends at leaf 2^depth). Every set has one depth, so the switch's jump predicts, and the steps
+// after it run unrolled.
+[[gnu::always_inline]] inline size_t descend_to_leaf(const GfnTreeNode* tree, unsigned depth,
+                                                     uint64_t gfn_plus_1) {
+  size_t k = 1;
+  for (; depth > 16; --depth) k = descend(tree, k, gfn_plus_1);
+  // clang-format off
+  switch (depth) {
+#define GFNMAP_STEP(d)                \
+  case d:                             \
+    k = descend(tree, k, gfn_plus_1); \
+    [[fallthrough]];
+    GFNMAP_STEP(16) GFNMAP_STEP(15) GFNMAP_STEP(14) GFNMAP_STEP(13) GFNMAP_STEP(12)
+    GFNMAP_STEP(11) GFNMAP_STEP(10) GFNMAP_STEP(9) GFNMAP_STEP(8) GFNMAP_STEP(7)
+    GFNMAP_STEP(6) GFNMAP_STEP(5) GFNMAP_STEP(4) GFNMAP_STEP(3) GFNMAP_STEP(2) GFNMAP_STEP(1)
+#undef GFNMAP_STEP
+    default:
+      break;
   }
-  ptrdiff_t below = 0;
-  for (size_t i = 0; i < n; ++i) below += p[i] <= key;
-  return (p - base) + below - 1;
+  // clang-format on
+  return k;
+}
+
+// The miss paths' search: the last slot starting at or below gfn, or the first slot when none
+// does (its range test then fails), or &kNoSlot in an empty set. gfn ~0 descends to the first
+// slot too, which is right: no slot holds it (a slot ends below 2^52, KVM's wrap check on
+// guest_phys_addr + memory_size).
+[[gnu::always_inline]] inline const Memslot* candidate_slot(const GfnTreeNode* tree,
+                                                            unsigned depth, Gfn gfn) {
+  return tree[descend_to_leaf(tree, depth, gfn.value + 1)].slot;
 }
 
 }  // namespace
 
-const Memslot* MemslotSet::search_memslots(Gfn gfn, bool approx) const {
-  const ptrdiff_t i = last_not_greater(base_gfns_.data(), base_gfns_.size(), gfn.value);
-  if (i >= 0) {
-    const Memslot* slot = &by_gfn_[static_cast<size_t>(i)];
-    // approx: the predecessor of the hole is a neighbour of it.
-    if (approx || gfn < slot->end_gfn()) return slot;
-    return nullptr;
-  }
-  // Below the first slot: its successor (the first slot) is the neighbour.
-  return approx && !by_gfn_.empty() ? &by_gfn_[0] : nullptr;
+size_t MemslotSet::rank_of(Gfn gfn) const {
+  if (by_gfn_.empty()) return 0;
+  if (gfn.value == ~uint64_t{0}) return by_gfn_.size();
+  // The tree counts the slots after the first; the first is counted by hand.
+  const size_t after_first = descend_to_leaf(gfn_tree_.data(), gfn_tree_depth_, gfn.value + 1) -
+                             (size_t{1} << gfn_tree_depth_);
+  return after_first + (by_gfn_[0].base_gfn <= gfn);
 }
 
-// Cache hits are inline in memslot.h.
+const Memslot* MemslotSet::search_memslots(Gfn gfn, bool approx) const {
+  const Memslot* slot = candidate_slot(gfn_tree_.data(), gfn_tree_depth_, gfn);
+  if (slot->contains(gfn)) return slot;
+  if (!approx || by_gfn_.empty()) return nullptr;
+  // A neighbour of the hole: the candidate is the last slot starting below gfn, or the first slot
+  // when every slot starts above gfn. gfn ~0 (which descends to the first slot) is above all.
+  return gfn.value == ~uint64_t{0} ? &by_gfn_.back() : slot;
+}
+
+// Both miss paths search inline: one descent, one load of the candidate, one range compare.
 const Memslot* MemslotSet::gfn_to_memslot_miss(Gfn gfn) const {
-  const Memslot* slot = search_memslots(gfn);
-  if (slot) last_used_slot_.store(slot, std::memory_order_relaxed);
+  const Memslot* slot = candidate_slot(gfn_tree_.data(), gfn_tree_depth_, gfn);
+  if (!slot->contains(gfn)) return nullptr;
+  last_used_slot_.store(slot, std::memory_order_relaxed);
   return slot;
 }
 
 const Memslot* MemslotSet::vcpu_gfn_to_memslot_miss(VcpuMemslotCache& cache, Gfn gfn,
                                                     uint64_t gen) const {
-  const Memslot* slot = search_memslots(gfn);
-  if (slot && !(gen & kMemslotGenUpdateInProgress)) {
+  const Memslot* slot = candidate_slot(gfn_tree_.data(), gfn_tree_depth_, gfn);
+  if (!slot->contains(gfn)) return nullptr;
+  if (!(gen & kMemslotGenUpdateInProgress)) {
     cache.slot = slot;
     cache.generation = gen;
   }
@@ -124,6 +183,7 @@ std::unique_ptr<MemslotSet> MemslotSet::Impl::empty(unsigned as_id, uint32_t nr_
   set->as_id_ = as_id;
   set->nr_user_slots_ = nr_user_slots;
   set->generation_.store(generation, std::memory_order_relaxed);
+  finish(*set);
   return set;
 }
 
@@ -184,7 +244,7 @@ std::unique_ptr<MemslotSet> MemslotSet::Impl::derive(const MemslotSet& old,
   MemslotSet& s = *set;
   // Every member is rewritten below or by finish(); clear() keeps the capacity.
   s.generation_.store(0, std::memory_order_relaxed);
-  s.last_used_slot_.store(nullptr, std::memory_order_relaxed);
+  s.last_used_slot_.store(&kNoSlot, std::memory_order_relaxed);
   s.by_gfn_.clear();
   s.hva_by_start_.clear();
   s.as_id_ = old.as_id_;
@@ -198,9 +258,7 @@ std::unique_ptr<MemslotSet> MemslotSet::Impl::derive(const MemslotSet& old,
   size_t at = n;
   if (removed) rm = static_cast<size_t>(removed - old.by_gfn_.data());
   if (insert) {
-    at = static_cast<size_t>(std::upper_bound(old.base_gfns_.begin(), old.base_gfns_.end(),
-                                              insert->base_gfn.value) -
-                             old.base_gfns_.begin());
+    at = old.rank_of(insert->base_gfn);
   }
   splice(s.by_gfn_, old.by_gfn_, rm, at, insert);
 
@@ -246,12 +304,30 @@ void MemslotSet::Impl::finish(MemslotSet& s) {
   s.hva_nodes_.clear();
   s.hva_node_by_start_.clear();
   s.hva_node_by_end_.clear();
-  s.base_gfns_.resize(s.by_gfn_.size());
+  const size_t n = s.by_gfn_.size();
   uint32_t max_id = 0;
-  for (size_t i = 0; i < s.by_gfn_.size(); ++i) {
-    s.base_gfns_[i] = s.by_gfn_[i].base_gfn.value;
-    max_id = std::max<uint32_t>(max_id, s.by_gfn_[i].id);
+  for (const Memslot& m : s.by_gfn_) max_id = std::max<uint32_t>(max_id, m.id);
+
+  // The gfn search tree over the bases of by_gfn_[1 ..]: the smallest perfect tree with room for
+  // n - 1 bases (2^depth - 1 >= n - 1, so 16 slots take 4 steps), then one leaf per slot. Node
+  // k at level l (2^l <= k < 2^(l + 1)) is in-order node ((2 (k - 2^l) + 1) << (depth - 1 - l))
+  // - 1, whose base is that of by_gfn_[in-order + 1].
+  const size_t keys = n > 0 ? n - 1 : 0;
+  unsigned depth = 0;
+  while ((size_t{1} << depth) - 1 < keys) ++depth;
+  const size_t first_leaf = size_t{1} << depth;
+  s.gfn_tree_depth_ = depth;
+  s.gfn_tree_.resize(first_leaf + std::max<size_t>(n, 1));
+  s.gfn_tree_[0].base = 0;  // unused
+  for (unsigned level = 0; level < depth; ++level) {
+    for (size_t k = size_t{1} << level; k < (size_t{2} << level); ++k) {
+      const size_t in_order = ((2 * (k - (size_t{1} << level)) + 1) << (depth - 1 - level)) - 1;
+      s.gfn_tree_[k].base = in_order < keys ? s.by_gfn_[in_order + 1].base_gfn.value
+                                            : ~uint64_t{0};
+    }
   }
+  s.gfn_tree_[first_leaf].slot = &kNoSlot;  // the empty set's only leaf
+  for (size_t i = 0; i < n; ++i) s.gfn_tree_[first_leaf + i].slot = &s.by_gfn_[i];
   s.by_id_.assign(s.by_gfn_.empty() ? 0 : max_id + 1, 0);
   for (size_t i = 0; i < s.by_gfn_.size(); ++i) {
     s.by_id_[s.by_gfn_[i].id] = static_cast<uint32_t>(i + 1);
@@ -320,8 +396,7 @@ const Memslot* MemslotSet::Impl::find_overlap(const MemslotSet& set, uint16_t id
                                               Gfn end) {
   // Slots are disjoint and sorted, so those meeting [start, end) are a contiguous run ending at
   // the last slot that begins before `end`; walk it backwards.
-  ptrdiff_t i = last_not_greater(set.base_gfns_.data(), set.base_gfns_.size(), end.value - 1);
-  for (; i >= 0; --i) {
+  for (auto i = static_cast<ptrdiff_t>(set.rank_of(end - 1)) - 1; i >= 0; --i) {
     const Memslot& m = set.by_gfn_[static_cast<size_t>(i)];
     if (m.end_gfn() <= start) break;
     if (m.id != id) return &m;

@@ -12,6 +12,7 @@ namespace gfnmap {
 
 struct MemslotSet::Impl {
   using HvaRangeT = MemslotSet::HvaRange;
+  using GfnTreeNodeT = MemslotSet::GfnTreeNode;
 
   // An empty set; `generation` as given.
   static std::unique_ptr<MemslotSet> empty(unsigned as_id, uint32_t nr_user_slots,
@@ -28,7 +29,7 @@ struct MemslotSet::Impl {
   // A new, unpublished set of `slots` (any order; same preconditions). O(n log n).
   static std::unique_ptr<MemslotSet> build(unsigned as_id, uint32_t nr_user_slots,
                                            std::vector<Memslot> slots);
-  // Derives base_gfns_, by_id_ and the hva index from by_gfn_ and hva_by_start_.
+  // Derives the gfn search tree, by_id_ and the hva index from by_gfn_ and hva_by_start_.
   static void finish(MemslotSet& s);
   // Test hook (MemslotsTestPeer): the next n builds on this thread throw std::bad_alloc.
   static void fail_next_builds(unsigned n);

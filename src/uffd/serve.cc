@@ -608,9 +608,9 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
     ioctl(s.uffd, UFFDIO_WAKE, &wr);
     return true;
   }
-  const uint64_t ps = r->page_size;
-  const uint64_t page = addr & ~(ps - 1);
-  const uint64_t off = r->offset + (page - r->base_host_virt_addr);
+  uint64_t ps = r->page_size;
+  uint64_t page = addr & ~(ps - 1);
+  uint64_t off = r->offset + (page - r->base_host_virt_addr);
   for (;;) {
     const bool zero = s.removed.contains(page) ||
                       (ps == 4096 && all_zero(mem + off, 4096));
@@ -636,6 +636,21 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
       break;
     }
     const int e = errno;
+    if (e == EEXIST && ps != 4096) {
+      // Part of the 2M page is there already (2M regions of 4K-page memory, after a REMOVE of
+      // part of it): place the faulting 4K page alone. hugetlbfs refuses that (EINVAL), and
+      // there a partly present huge page cannot be: the wake below is then right.
+      ps = 4096;
+      page = addr & ~uint64_t{4095};
+      off = r->offset + (page - r->base_host_virt_addr);
+      continue;
+    }
+    if (e == EINVAL && ps == 4096 && r->page_size != 4096) {
+      uffdio_range wr{addr & ~(r->page_size - 1), r->page_size};
+      ioctl(s.uffd, UFFDIO_WAKE, &wr);
+      ++s.report.eexist_wakes;
+      break;
+    }
     if (e == EEXIST) {
       uffdio_range wr{page, ps};
       ioctl(s.uffd, UFFDIO_WAKE, &wr);
@@ -645,6 +660,7 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
     if (e == EAGAIN) {
       // The mm is changing (a REMOVE/UNMAP/REMAP is pending): read the events, then retry.
       ++s.report.eagain_deferrals;
+      if (stopping.load(std::memory_order_relaxed)) return false;  // stop() ends the session
       if (!read_messages(s)) std::this_thread::yield();
       continue;
     }

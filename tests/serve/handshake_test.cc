@@ -102,12 +102,13 @@ TEST(ServeHandshake, MalformedHandshakesAreRefusedAndTheServerServesTheNext) {
   struct Case {
     std::string name;
     std::string json;
-    int nfds;  // uffds to send; -1: an eventfd
+    int nfds;  // uffds to send; -1: an eventfd; -2: a userfaultfd without UFFDIO_API
     std::string expect;
   } cases[] = {
       {"no fd", good, 0, "no file descriptor in SCM_RIGHTS"},
       {"two fds", good, 2, "2 file descriptors in SCM_RIGHTS"},
       {"not a userfaultfd", good, -1, "not a userfaultfd"},
+      {"UFFDIO_API not called", good, -2, "the userfaultfd is not initialised"},
       {"malformed JSON", "[{\"base_host_virt_addr\":1073741824,,}]", 1, "malformed JSON"},
       {"not an array", "{\"regions\":[]}", 1, "expected '['"},
       {"missing size", R"([{"base_host_virt_addr":1073741824,"offset":0}])", 1,
@@ -137,7 +138,8 @@ TEST(ServeHandshake, MalformedHandshakesAreRefusedAndTheServerServesTheNext) {
     int s = serve_test::connect_to(sock);
     ASSERT_GE(s, 0);
     std::vector<int> fds;
-    if (c.nfds < 0) fds.push_back(eventfd(0, EFD_CLOEXEC));
+    if (c.nfds == -1) fds.push_back(eventfd(0, EFD_CLOEXEC));
+    if (c.nfds == -2) fds.push_back(static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC)));
     for (int i = 0; i < c.nfds; ++i) fds.push_back(serve_test::make_uffd());
     for (int fd : fds) ASSERT_GE(fd, 0);
     ASSERT_TRUE(serve_test::send_with_fds(s, c.json, fds));

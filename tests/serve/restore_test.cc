@@ -209,6 +209,30 @@ TEST(ServeRestore, ServerStoppedMidRestore) {
   EXPECT_EQ(next.exit_code(), 0) << next.output();
 }
 
+// 2M page size over plain anonymous memory: every fault copies 2 MiB; the balloon's zero pages
+// are 2 MiB copies of zeros; a 4K discard inside a placed 2M page is served as one 4K page.
+TEST(ServeRestore, TwoMegPagesOverAnonymousMemory) {
+  GFNMAP_SKIP_WITHOUT_UFFD();
+  TempDir dir;
+  const std::string mem = dir / "mem", sock = dir / "sock";
+  serve_test::write_memfile(mem, 16 << 20);
+  ServerHarness h;
+  ASSERT_TRUE(h.start(sock, mem).ok());
+  auto peer = serve_test::spawn_peer(
+      dir, sock, mem,
+      {"--regions", "8M,4M", "--page-size", "2M", "--no-hugetlb", "--balloon", "--threads", "3"});
+  ASSERT_TRUE(peer.wait(60s)) << peer.output();
+  EXPECT_EQ(peer.exit_code(), 0) << peer.output();
+  auto reports = h.wait_reports(1);
+  ASSERT_EQ(reports.size(), 1u);
+  const uffd::SessionReport& r = reports[0];
+  EXPECT_FALSE(r.failed) << r.end_reason;
+  EXPECT_EQ(r.regions[0].page_size, 2u << 20);
+  EXPECT_EQ(r.pages_copied, 6u);  // 12 MiB in 2M pages, each placed once
+  EXPECT_EQ(r.pages_zeroed, 2u);  // the balloon: 2 of region 0's 4 pages
+  EXPECT_EQ(r.removes, 1u);
+}
+
 TEST(ServeRestore, HugePages2M) {
   GFNMAP_SKIP_WITHOUT_UFFD();
   const HostFacts& f = host_facts();

@@ -42,6 +42,8 @@ constexpr const char* kUsage =
                        memory file and apart (a gap of one page) in memory; default 4M,8M
   --file-offset BYTES  file offset of the first region (default 0)
   --page-size 4K|2M    2M maps hugetlb memory (MAP_HUGETLB)
+  --no-hugetlb         with --page-size 2M: plain anonymous memory, 2M-aligned (the server
+                       still copies 2M per fault)
   --threads N          touching threads (default 2)
   --order seq|random   the order pages are touched in (default seq)
   --exit-after N       exit (status 0) after N pages were touched: a VM gone mid-restore
@@ -61,6 +63,7 @@ struct Args {
   bool random = false;
   long exit_after = -1;
   bool balloon = false, legacy = false, split = false, quiet = false, hold = false;
+  bool no_hugetlb = false;
   unsigned timeout = 60;
 };
 
@@ -119,6 +122,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--split") a.split = true;
     else if (k == "--quiet") a.quiet = true;
     else if (k == "--hold") a.hold = true;
+    else if (k == "--no-hugetlb") a.no_hugetlb = true;
     else if (k == "--timeout") a.timeout = static_cast<unsigned>(std::atoi(val()));
     else if (k == "--help" || k == "-h") {
       std::puts(kUsage);
@@ -190,7 +194,7 @@ int main(int argc, char** argv) {
   for (uint64_t s : a.sizes) {
     cursor += a.page;  // the gap
     int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE;
-    if (a.page != 4096) flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB | MAP_HUGE_2MB;
+    if (a.page != 4096 && !a.no_hugetlb) flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_HUGETLB | MAP_HUGE_2MB;
     void* p = mmap(reinterpret_cast<void*>(cursor), s, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED) die(2, "mmap of a region: ", std::strerror(errno));
     regions.push_back({static_cast<uint8_t*>(p), s, file_off});

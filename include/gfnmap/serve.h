@@ -36,6 +36,20 @@ Result<std::vector<ServeRegion>> parse_handshake(std::string_view json);
 // reaching past file_size. EINVAL (ERANGE for past the end) naming the region and field.
 Result<void> validate_regions(const std::vector<ServeRegion>& regions, uint64_t file_size);
 
+// A working set: the pages a restore touched first, in order. offset is the page's byte offset
+// in the memory file; time_ns the time of its first demand fault after the handshake.
+struct WorkingSetEntry {
+  uint64_t offset = 0;
+  uint64_t time_ns = 0;
+  friend bool operator==(const WorkingSetEntry&, const WorkingSetEntry&) = default;
+};
+
+// The working-set file, version 1 (docs/serve.md): a first line "gfnmap-working-set 1", then
+// one "OFFSET TIME_NS" line per page (decimal; OFFSET 4K-aligned); '#' lines are comments.
+// read_working_set: ENOENT/EACCES with the path; EINVAL naming the line for anything else.
+Result<std::vector<WorkingSetEntry>> read_working_set(const std::string& path);
+Result<void> write_working_set(const std::string& path, const std::vector<WorkingSetEntry>& set);
+
 // What a session did. Times are nanoseconds.
 struct SessionReport {
   uint64_t id = 0;         // 1, 2, ... in accept order
@@ -56,6 +70,9 @@ struct SessionReport {
   uint64_t remaps = 0;          // UFFD_EVENT_REMAP
   uint64_t eagain_deferrals = 0;  // EAGAIN: events read first, then the fault retried
   uint64_t eexist_wakes = 0;      // EEXIST: the page was there, the faulter woken
+  uint64_t pages_prefetched = 0;  // placed by prefetch (working set or sequential)
+  // With ServeOptions::record_working_set: the pages of demand faults, first touch first.
+  std::vector<WorkingSetEntry> working_set;
   uint64_t latency_p50_ns = 0, latency_p99_ns = 0, latency_max_ns = 0;  // read -> placed
 };
 
@@ -65,6 +82,13 @@ struct ServeOptions {
   unsigned threads = 2;     // handler threads shared by all sessions (1..64)
   // A connection that has not completed its handshake after this long is refused.
   unsigned handshake_timeout_ms = 5000;
+  // Prefetch, right after each handshake, interleaved with demand faults (which go first):
+  // the working set's pages in its order (contiguous runs in one UFFDIO_COPY of up to 2 MiB),
+  // then, with prefetch_sequential, every region front to back. Pages the VMM discarded
+  // (REMOVE) are never prefetched; a page already present is never copied again.
+  std::vector<uint64_t> prefetch_working_set;  // memory-file offsets (WorkingSetEntry::offset)
+  bool prefetch_sequential = false;
+  bool record_working_set = false;  // fill SessionReport::working_set
   // Called on a handler thread when a session ends (refused, peer gone, server stopped).
   std::function<void(const SessionReport&)> on_session_end;
   // Called on a handler thread when a session's handshake was accepted.

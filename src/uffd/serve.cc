@@ -25,6 +25,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "gfnmap/serve.h"
 
@@ -36,6 +37,7 @@ constexpr uint64_t kTagListen = 0;
 constexpr uint64_t kTagStop = 1;
 constexpr uint64_t kKindSocket = 1;
 constexpr uint64_t kKindUffd = 2;
+constexpr uint64_t kKindPrefetch = 3;
 constexpr size_t kMaxHandshakeBytes = 1 << 20;
 constexpr int kMaxFds = 16;
 constexpr uint64_t k2M = 2u << 20;
@@ -152,6 +154,7 @@ struct Session {
   uint64_t id = 0;
   int sock = -1;
   int uffd = -1;
+  int prefetch_fd = -1;  // an eventfd kept readable while prefetch has work left
   bool closed = false;
   Phase phase = Phase::kHandshake;
   std::string buf;
@@ -161,6 +164,9 @@ struct Session {
   RangeSet removed;                  // REMOVE'd: served as zero pages from now on
   std::deque<std::pair<uint64_t, uint64_t>> pending;  // faults read: (address, read time)
   std::vector<uint64_t> latencies;
+  std::vector<std::pair<uint64_t, uint64_t>> plan;  // prefetch runs: (address, length)
+  size_t plan_next = 0;
+  std::unordered_set<uint64_t> recorded;  // file offsets already in report.working_set
   SessionReport report;
 };
 
@@ -203,6 +209,9 @@ struct ServeServer::Impl {
   void serve(Session& s);
   bool read_messages(Session& s);
   bool serve_fault(Session& s, uint64_t addr, uint64_t t_read);
+  void serve_pending(Session& s);
+  void build_plan(Session& s);
+  bool prefetch_turn(Session& s);
   void apply_unmap(Session& s, uint64_t start, uint64_t end);
   void apply_remap(Session& s, uint64_t from, uint64_t to, uint64_t len);
   void end(Session& s, bool failed, std::string reason);
@@ -413,6 +422,20 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
     if (!s.closed) rearm(s, s.sock, kKindSocket);
     return;
   }
+  if (kind == kKindPrefetch) {
+    serve(s);  // demand faults first
+    const bool done = s.closed || prefetch_turn(s);
+    serve_pending(s);  // faults read while prefetching
+    if (s.closed) return;
+    if (done) {
+      epoll_ctl(epfd, EPOLL_CTL_DEL, s.prefetch_fd, nullptr);
+      close(s.prefetch_fd);
+      s.prefetch_fd = -1;
+    } else {
+      rearm(s, s.prefetch_fd, kKindPrefetch);
+    }
+    return;
+  }
   if (events & (EPOLLERR | EPOLLHUP)) {
     end(s, true, "the userfaultfd reported an error (EPOLLERR/EPOLLHUP)");
     return;
@@ -533,6 +556,16 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
     end(s, true, std::string("epoll_ctl of the userfaultfd: ") + std::strerror(errno));
     return;
   }
+  build_plan(s);
+  if (!s.plan.empty()) {
+    s.prefetch_fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);  // readable until prefetch is done
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.u64 = tag(s.id, kKindPrefetch);
+    if (s.prefetch_fd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, s.prefetch_fd, &ev) != 0) {
+      end(s, true, std::string("prefetch eventfd: ") + std::strerror(errno));
+      return;
+    }
+  }
   if (options.on_session_start) options.on_session_start(s.report);
 }
 
@@ -575,6 +608,108 @@ bool ServeServer::Impl::read_messages(Session& s) {
   return true;
 }
 
+void ServeServer::Impl::serve_pending(Session& s) {
+  while (!s.pending.empty() && !s.closed) {
+    auto [addr, t] = s.pending.front();
+    s.pending.pop_front();
+    if (!serve_fault(s, addr, t)) return;
+  }
+}
+
+// The prefetch runs of a session: the working set's pages in order (contiguous pages merged
+// into runs of up to 2 MiB), then every region front to back in 2 MiB runs.
+void ServeServer::Impl::build_plan(Session& s) {
+  auto add = [&s](uint64_t addr, uint64_t len) {
+    if (!s.plan.empty()) {
+      auto& back = s.plan.back();
+      if (back.first + back.second == addr && back.second + len <= k2M) {
+        back.second += len;
+        return;
+      }
+    }
+    s.plan.emplace_back(addr, len);
+  };
+  for (uint64_t off : options.prefetch_working_set) {
+    for (const ServeRegion& g : s.regions) {
+      if (off >= g.offset && off < g.offset + g.size) {
+        add(g.base_host_virt_addr + ((off - g.offset) & ~(g.page_size - 1)), g.page_size);
+        break;
+      }
+    }
+  }
+  if (options.prefetch_sequential) {
+    for (const ServeRegion& g : s.regions) {
+      const uint64_t chunk = std::max(k2M, g.page_size);
+      for (uint64_t a = 0; a < g.size; a += chunk) {
+        s.plan.emplace_back(g.base_host_virt_addr + a, std::min(chunk, g.size - a));
+      }
+    }
+  }
+}
+
+// One turn of prefetch (about 2 ms, or until a demand fault is waiting): copies the next runs,
+// skipping pages the VMM discarded; a page already present (EEXIST) is stepped over. True when
+// the plan is done.
+bool ServeServer::Impl::prefetch_turn(Session& s) {
+  const uint64_t t_end = now_ns() + 2'000'000;
+  while (s.plan_next < s.plan.size()) {
+    if (stopping.load(std::memory_order_relaxed) || s.closed) return false;
+    pollfd p{s.uffd, POLLIN, 0};
+    if (poll(&p, 1, 0) == 1 || now_ns() > t_end) return false;  // demand first
+    auto [addr, len] = s.plan[s.plan_next];
+    const ServeRegion* r = nullptr;
+    for (const ServeRegion& g : s.regions) {
+      if (addr >= g.base_host_virt_addr && addr < g.base_host_virt_addr + g.size) r = &g;
+    }
+    if (!r) {  // unmapped or moved since
+      ++s.plan_next;
+      continue;
+    }
+    const uint64_t ps = r->page_size;
+    const uint64_t end_addr = std::min(addr + len, r->base_host_virt_addr + r->size);
+    uint64_t a = addr;
+    while (a < end_addr) {
+      if (s.removed.contains(a)) {
+        a += ps;
+        continue;
+      }
+      uint64_t b = a + ps;
+      while (b < end_addr && !s.removed.contains(b)) b += ps;
+      uffdio_copy c{};
+      c.dst = a;
+      c.src = reinterpret_cast<uint64_t>(mem + r->offset + (a - r->base_host_virt_addr));
+      c.len = b - a;
+      if (ioctl(s.uffd, UFFDIO_COPY, &c) == 0) {
+        s.report.pages_prefetched += (b - a) / ps;
+        a = b;
+        continue;
+      }
+      const int e = errno;
+      const uint64_t done = c.copy > 0 ? static_cast<uint64_t>(c.copy) : 0;
+      s.report.pages_prefetched += done / ps;
+      if (e == EEXIST) {
+        a += done + ps;  // the page after the copied ones is there: step over it
+        continue;
+      }
+      if (e == EAGAIN) {
+        // An event is pending: read it (its faults are served before the next turn) and go
+        // on from here later, past any range it removed.
+        ++s.report.eagain_deferrals;
+        s.plan[s.plan_next] = {a + done, end_addr - (a + done)};
+        read_messages(s);
+        return false;
+      }
+      if (e == ESRCH) {
+        end(s, false, "peer hung up (its mm is gone)");
+        return true;
+      }
+      break;  // ENOENT (the range went away) or another error: drop this run
+    }
+    ++s.plan_next;
+  }
+  return true;
+}
+
 void ServeServer::Impl::serve(Session& s) {
   // A few batches per turn, then back to epoll so other sessions get the thread.
   for (int batch = 0; batch < 8 && !s.closed; ++batch) {
@@ -585,11 +720,7 @@ void ServeServer::Impl::serve(Session& s) {
       }
       return;
     }
-    while (!s.pending.empty() && !s.closed) {
-      auto [addr, t] = s.pending.front();
-      s.pending.pop_front();
-      if (!serve_fault(s, addr, t)) return;
-    }
+    serve_pending(s);
   }
 }
 
@@ -633,6 +764,12 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
     }
     if (rc == 0) {
       ++(zeropage ? s.report.pages_zeroed : s.report.pages_copied);
+      if (options.record_working_set && !s.removed.contains(page)) {
+        const uint64_t file_off = r->offset + ((page & ~(r->page_size - 1)) - r->base_host_virt_addr);
+        if (s.recorded.insert(file_off).second) {
+          s.report.working_set.push_back({file_off, now_ns() - s.t_handshake});
+        }
+      }
       break;
     }
     const int e = errno;
@@ -738,6 +875,11 @@ void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
     epoll_ctl(epfd, EPOLL_CTL_DEL, s.uffd, nullptr);
     close(s.uffd);
     s.uffd = -1;
+  }
+  if (s.prefetch_fd >= 0) {
+    epoll_ctl(epfd, EPOLL_CTL_DEL, s.prefetch_fd, nullptr);
+    close(s.prefetch_fd);
+    s.prefetch_fd = -1;
   }
   for (int fd : s.fds) close(fd);
   s.fds.clear();

@@ -257,7 +257,7 @@ Result<void> validate_regions(const std::vector<ServeRegion>& regions, uint64_t 
 }
 
 std::string to_string(const SessionReport& r) {
-  char buf[512];
+  char buf[1024];
   if (!r.accepted) {
     std::snprintf(buf, sizeof buf, "session %llu (pid %d): refused: %s",
                   static_cast<unsigned long long>(r.id), r.peer_pid, r.end_reason.c_str());
@@ -270,13 +270,14 @@ std::string to_string(const SessionReport& r) {
       buf, sizeof buf,
       "session %llu (pid %d): %s; %zu regions, %llu MiB; handshake %.0f us, last fault at "
       "%.3f s; faults %llu served %llu (p50 %.1f us, p99 %.1f us, max %.1f us); pages copied "
-      "%llu zeroed %llu; removes %llu, EAGAIN deferrals %llu, EEXIST wakes %llu",
+      "%llu zeroed %llu prefetched %llu; removes %llu, EAGAIN deferrals %llu, EEXIST wakes %llu",
       static_cast<unsigned long long>(r.id), r.peer_pid, r.end_reason.c_str(), r.regions.size(),
       static_cast<unsigned long long>(bytes >> 20), us(r.handshake_ns),
       static_cast<double>(r.last_fault_ns) / 1e9, static_cast<unsigned long long>(r.faults),
       static_cast<unsigned long long>(r.faults_served), us(r.latency_p50_ns),
       us(r.latency_p99_ns), us(r.latency_max_ns), static_cast<unsigned long long>(r.pages_copied),
-      static_cast<unsigned long long>(r.pages_zeroed), static_cast<unsigned long long>(r.removes),
+      static_cast<unsigned long long>(r.pages_zeroed),
+      static_cast<unsigned long long>(r.pages_prefetched), static_cast<unsigned long long>(r.removes),
       static_cast<unsigned long long>(r.eagain_deferrals),
       static_cast<unsigned long long>(r.eexist_wakes));
   return buf;
@@ -311,7 +312,7 @@ std::string to_json(const SessionReport& r) {
          ",\"faults\":" + u(r.faults) + ",\"faults_served\":" + u(r.faults_served) +
          ",\"latency_p50_ns\":" + u(r.latency_p50_ns) + ",\"latency_p99_ns\":" +
          u(r.latency_p99_ns) + ",\"latency_max_ns\":" + u(r.latency_max_ns) +
-         ",\"pages_copied\":" + u(r.pages_copied) + ",\"pages_zeroed\":" + u(r.pages_zeroed) +
+         ",\"pages_copied\":" + u(r.pages_copied) + ",\"pages_zeroed\":" + u(r.pages_zeroed) + ",\"pages_prefetched\":" + u(r.pages_prefetched) +
          ",\"removes\":" + u(r.removes) + ",\"unmaps\":" + u(r.unmaps) + ",\"remaps\":" +
          u(r.remaps) + ",\"eagain_deferrals\":" + u(r.eagain_deferrals) +
          ",\"eexist_wakes\":" + u(r.eexist_wakes) + "}";

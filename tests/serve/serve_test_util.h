@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -215,8 +216,10 @@ struct ServerHarness {
   std::unique_ptr<uffd::ServeServer> server;
 
   Result<void> start(const std::string& socket, const std::string& memfile, unsigned threads = 2,
-                     unsigned handshake_timeout_ms = 5000) {
+                     unsigned handshake_timeout_ms = 5000,
+                     const std::function<void(uffd::ServeOptions&)>& configure = {}) {
     uffd::ServeOptions o;
+    if (configure) configure(o);
     o.socket_path = socket;
     o.memory_file = memfile;
     o.threads = threads;

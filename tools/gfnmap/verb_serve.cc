@@ -27,7 +27,15 @@ closes that session only. A session ends when its VMM exits.
 
 Each session is logged when it starts (peer pid from SO_PEERCRED) and reported when it ends:
 handshake time, time of the last demand fault, faults served with p50/p99/max latency, pages
-copied and zeroed, removes, EAGAIN deferrals, EEXIST wakes (--json: one JSON object per line).
+copied, zeroed and prefetched, removes, EAGAIN deferrals, EEXIST wakes (--json: one JSON
+object per line).
+
+Working sets: --record FILE writes the pages a restore touched first, in order (offset into
+MEMFILE and time after the handshake; a versioned text file, docs/serve.md). --prefetch FILE
+then copies those pages right after each handshake, in the background and in that order (runs
+of contiguous pages in one UFFDIO_COPY of up to 2 MiB); --prefetch sequential fills every
+region front to back. Demand faults always go first; a page the VMM discarded is never
+prefetched, and no page is copied twice.
 SIGTERM or SIGINT stops the server: sessions still running end ("server stopped"); their
 VMMs' pending faults are then never served, so stop the VMMs first.
 Exit status: 0 every session ended well; 1 a session failed (a refused handshake, a serving
@@ -42,6 +50,8 @@ struct ServeArgs {
   double connect_timeout = 0;
   std::string stats;
   bool json = false;
+  std::string prefetch = "off";
+  std::string record;
 };
 
 int run_serve(const ServeArgs& a) {
@@ -60,6 +70,18 @@ int run_serve(const ServeArgs& a) {
   o.socket_path = a.socket;
   o.memory_file = a.memfile;
   o.threads = a.threads;
+  if (a.prefetch == "sequential") {
+    o.prefetch_sequential = true;
+  } else if (a.prefetch != "off") {
+    auto ws = gfnmap::uffd::read_working_set(a.prefetch);
+    if (!ws.ok()) {
+      std::fprintf(stderr, "gfnmap serve: --prefetch: %s\n", ws.error().message.c_str());
+      if (stats) std::fclose(stats);
+      return 2;
+    }
+    for (const auto& e : *ws) o.prefetch_working_set.push_back(e.offset);
+  }
+  o.record_working_set = !a.record.empty();
   o.on_session_start = [&](const gfnmap::uffd::SessionReport& r) {
     uint64_t bytes = 0;
     for (const auto& g : r.regions) bytes += g.size;
@@ -94,6 +116,17 @@ int run_serve(const ServeArgs& a) {
     if (stats) {
       std::fprintf(stats, "%s\n", j.c_str());
       std::fflush(stats);
+    }
+    if (!a.record.empty() && r.accepted) {
+      // The last session to end wins: one file holds one restore's working set.
+      auto w = gfnmap::uffd::write_working_set(a.record, r.working_set);
+      if (!w.ok()) {
+        std::fprintf(stderr, "gfnmap serve: --record: %s\n", w.error().message.c_str());
+      } else if (!a.json) {
+        std::printf("session %llu: working set of %zu pages written to %s\n",
+                    static_cast<unsigned long long>(r.id), r.working_set.size(),
+                    a.record.c_str());
+      }
     }
   };
 
@@ -193,6 +226,13 @@ GFNMAP_VERB("serve", "serve guest memory to VMMs' userfaultfds (Firecracker's Uf
                   ->check(CLI::PositiveNumber);
               cmd.add_option("--stats", a.stats, "write each session's report as a JSON line");
               cmd.add_flag("--json", a.json, "print events and reports as JSON lines");
+              cmd.add_option("--prefetch", a.prefetch,
+                             "off, sequential (every region front to back), or a working-set "
+                             "FILE written by --record (its pages first, in order)")
+                  ->default_val("off");
+              cmd.add_option("--record", a.record,
+                             "write the working set (pages in first-touch order) of each session "
+                             "to FILE when it ends (the last session wins)");
               return [] { return run_serve(a); };
             });
 

@@ -48,6 +48,9 @@ constexpr const char* kUsage =
   --order seq|random   the order pages are touched in (default seq)
   --exit-after N       exit (status 0) after N pages were touched: a VM gone mid-restore
   --balloon            after the check, MADV_DONTNEED half of region 0; it must read zero
+  --balloon-first      MADV_DONTNEED half of region 0 right after the handshake, before any
+                       touch: those pages must read zero (a prefetch must not fill them)
+  --delay-touch MS     wait MS milliseconds after the handshake before touching
   --legacy             send the old three-field handshake (no page size)
   --split              send the JSON and the fd in two messages, 20 ms apart
   --hold               after the checks, stay connected until killed (a VM that keeps running)
@@ -63,7 +66,8 @@ struct Args {
   bool random = false;
   long exit_after = -1;
   bool balloon = false, legacy = false, split = false, quiet = false, hold = false;
-  bool no_hugetlb = false;
+  bool no_hugetlb = false, balloon_first = false;
+  unsigned delay_touch_ms = 0;
   unsigned timeout = 60;
 };
 
@@ -123,6 +127,8 @@ Args parse(int argc, char** argv) {
     else if (k == "--quiet") a.quiet = true;
     else if (k == "--hold") a.hold = true;
     else if (k == "--no-hugetlb") a.no_hugetlb = true;
+    else if (k == "--balloon-first") a.balloon_first = true;
+    else if (k == "--delay-touch") a.delay_touch_ms = static_cast<unsigned>(std::atoi(val()));
     else if (k == "--timeout") a.timeout = static_cast<unsigned>(std::atoi(val()));
     else if (k == "--help" || k == "-h") {
       std::puts(kUsage);
@@ -265,6 +271,15 @@ int main(int argc, char** argv) {
     send_part(json.data(), json.size(), true);
   }
 
+  // The balloon range: the middle half of region 0.
+  const uint64_t b_pages = regions[0].size / a.page;
+  const uint64_t b_from = b_pages / 4 * a.page;
+  const uint64_t b_len = std::max<uint64_t>(b_pages / 2, 1) * a.page;
+  if (a.balloon_first && madvise(regions[0].addr + b_from, b_len, MADV_DONTNEED) != 0) {
+    die(2, "madvise(MADV_DONTNEED): ", std::strerror(errno));
+  }
+  if (a.delay_touch_ms) std::this_thread::sleep_for(std::chrono::milliseconds(a.delay_touch_ms));
+
   // Touch: every page of every region, split round-robin over the threads.
   std::vector<std::pair<uint32_t, uint64_t>> pages;  // (region, page index)
   for (uint32_t r = 0; r < regions.size(); ++r) {
@@ -288,6 +303,20 @@ int main(int argc, char** argv) {
         const volatile uint8_t* mem = r.addr + off;
         const uint8_t first = mem[0];  // the fault
         (void)first;
+        if (a.balloon_first && pages[k].first == 0 && off >= b_from && off < b_from + b_len) {
+          for (uint64_t b = 0; b < a.page; ++b) {
+            if (r.addr[off + b] != 0) {
+              std::fprintf(stderr,
+                           "gfnmap-vmm-peer: balloon-first: byte %llu of region 0 is %u, not 0 "
+                           "(filled after MADV_DONTNEED)\n",
+                           static_cast<unsigned long long>(off + b), r.addr[off + b]);
+              bad.store(true);
+              break;
+            }
+          }
+          if (a.exit_after < 0) touched.fetch_add(1);
+          continue;
+        }
         if (std::memcmp(r.addr + off, file + r.offset + off, a.page) != 0) {
           for (uint64_t b = 0; b < a.page; ++b) {
             if (r.addr[off + b] != file[r.offset + off + b]) {
@@ -312,8 +341,7 @@ int main(int argc, char** argv) {
   bool balloon_ok = true;
   if (a.balloon) {
     const Region& r = regions[0];
-    const uint64_t npages = r.size / a.page;
-    const uint64_t from = npages / 4 * a.page, len = std::max<uint64_t>(npages / 2, 1) * a.page;
+    const uint64_t from = b_from, len = b_len;
     if (madvise(r.addr + from, len, MADV_DONTNEED) != 0) {
       die(2, "madvise(MADV_DONTNEED): ", std::strerror(errno));
     }

@@ -7,6 +7,7 @@
 //       --benchmark_report_aggregates_only=true
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -262,7 +263,10 @@ void print_fault_in_ratios() {
   bench::print_samples("ns per 4K page, and ratios");
   std::printf("Medians over repetitions (this run), 1 GiB, ns per 4K page; ratios to the floors "
               "measured beside each repetition:\n");
-  for (const auto& [key, floors] : rows()) bench::print_paired(key, floors);
+  auto sorted = rows();
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [key, floors] : sorted) bench::print_paired(key, floors);
 }
 
 }  // namespace

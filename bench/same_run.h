@@ -134,15 +134,21 @@ inline double populate_floor_seconds(uint64_t bytes, const FloorSpec& f) {
 // in an order that rotates from one call to the next (so no one of them is always the first
 // after an idle period or always follows the same neighbour). Returns the seconds of each:
 // [0] the subject, [1 + i] floors[i]. Empty when anything failed.
+//
+// warm: run this floor, untimed, right before each of them. For THP: on a VM with free page
+// reporting, a huge page that sat free is handed back to the outer host and its next populate
+// costs the outer host's refill (10 us per 4K instead of 0.2 on the project's host B), so
+// without it the THP rows measure which of them got such a block, not their own work.
 template <class Subject>
 std::vector<double> run_paired(Subject&& subject, const std::vector<FloorSpec>& floors,
-                               uint64_t bytes) {
+                               uint64_t bytes, const FloorSpec* warm = nullptr) {
   static unsigned rotation = 0;
   const size_t n = floors.size() + 1;
   std::vector<double> secs(n, -1);
   const size_t first = rotation++ % n;
   for (size_t k = 0; k < n; ++k) {
     const size_t i = (first + k) % n;
+    if (warm != nullptr && populate_floor_seconds(bytes, *warm) < 0) return {};
     secs[i] = i == 0 ? subject() : populate_floor_seconds(bytes, floors[i - 1]);
     if (secs[i] < 0) return {};
   }

@@ -56,6 +56,7 @@ struct SessionReport {
   int peer_pid = -1;       // SO_PEERCRED of the connection
   bool accepted = false;   // the handshake was valid
   bool failed = false;     // refused handshake or a serving error (not a normal hangup)
+  bool peer_killed = false;  // ServeOptions::kill_peer_on_fatal killed the VMM
   std::string end_reason;  // "peer hung up", "server stopped", or the error
   std::vector<ServeRegion> regions;
   uint64_t handshake_ns = 0;    // connect -> handshake accepted
@@ -89,6 +90,10 @@ struct ServeOptions {
   std::vector<uint64_t> prefetch_working_set;  // memory-file offsets (WorkingSetEntry::offset)
   bool prefetch_sequential = false;
   bool record_working_set = false;  // fill SessionReport::working_set
+  // A serving error after the handshake (the memory file unreadable, an ioctl failing) leaves
+  // the VMM with faults nobody serves: it hangs. With this, the server SIGKILLs the peer (its
+  // SO_PEERCRED pid) instead. Off by default: a VMM is not the server's to kill.
+  bool kill_peer_on_fatal = false;
   // Called on a handler thread when a session ends (refused, peer gone, server stopped).
   std::function<void(const SessionReport&)> on_session_end;
   // Called on a handler thread when a session's handshake was accepted.

@@ -14,6 +14,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <csetjmp>
+#include <csignal>
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -57,6 +60,47 @@ bool all_zero(const std::byte* p, size_t n) {
     if ((i & 511) == 504 && acc) return false;
   }
   return acc == 0;
+}
+
+// Reading the memory file through the mapping raises SIGBUS where the file was truncated after
+// it was mapped. The zero check is the one read the server itself does (UFFDIO_COPY reads in
+// the kernel, which gives EFAULT instead); it runs under a guard that turns the SIGBUS into an
+// error for that session. The handler is installed once, only where SIGBUS had the default
+// action; any other SIGBUS gets the default action again.
+thread_local sigjmp_buf t_bus_jmp;
+thread_local volatile sig_atomic_t t_bus_guard = 0;
+
+void on_sigbus(int sig) {
+  if (t_bus_guard) siglongjmp(t_bus_jmp, 1);
+  signal(sig, SIG_DFL);  // not ours: returning re-runs the access, which now kills
+}
+
+void install_sigbus_guard() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction old {};
+    if (sigaction(SIGBUS, nullptr, &old) != 0 || old.sa_handler != SIG_DFL ||
+        (old.sa_flags & SA_SIGINFO)) {
+      return;  // someone else's handler: leave it
+    }
+    struct sigaction sa {};
+    sa.sa_handler = on_sigbus;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_NODEFER;
+    sigaction(SIGBUS, &sa, nullptr);
+  });
+}
+
+// 1: all zero, 0: not, -1: the file could not be read there (SIGBUS).
+int guarded_all_zero(const std::byte* p, size_t n) {
+  if (sigsetjmp(t_bus_jmp, 0) != 0) {
+    t_bus_guard = 0;
+    return -1;
+  }
+  t_bus_guard = 1;
+  const bool z = all_zero(p, n);
+  t_bus_guard = 0;
+  return z ? 1 : 0;
 }
 
 std::string hex(uint64_t v) {
@@ -259,6 +303,7 @@ Result<std::unique_ptr<ServeServer>> ServeServer::create(ServeOptions options) {
     return make_error(e, "serve: mmap: ", std::strerror(e));
   }
   impl->zero2m = static_cast<std::byte*>(z);
+  install_sigbus_guard();
 
   impl->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (impl->listen_fd < 0) {
@@ -521,7 +566,11 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
     end(s, true, regions.error().message);
     return;
   }
-  if (auto v = validate_regions(*regions, mem_size); !v.ok()) {
+  // Against the file as it is now (it may have shrunk since it was mapped) and the mapping.
+  uint64_t file_size = mem_size;
+  struct stat st {};
+  if (fstat(mem_fd, &st) == 0) file_size = std::min(file_size, static_cast<uint64_t>(st.st_size));
+  if (auto v = validate_regions(*regions, file_size); !v.ok()) {
     s.report.regions = *regions;
     end(s, true, v.error().message);
     return;
@@ -743,8 +792,16 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
   uint64_t page = addr & ~(ps - 1);
   uint64_t off = r->offset + (page - r->base_host_virt_addr);
   for (;;) {
-    const bool zero = s.removed.contains(page) ||
-                      (ps == 4096 && all_zero(mem + off, 4096));
+    bool zero = s.removed.contains(page);
+    if (!zero && ps == 4096) {
+      const int z = guarded_all_zero(mem + off, 4096);
+      if (z < 0) {
+        end(s, true, "the memory file cannot be read at offset " + std::to_string(off) +
+                         " (SIGBUS: truncated after it was mapped?)");
+        return false;
+      }
+      zero = z == 1;
+    }
     int rc;
     bool zeropage = false;
     if (zero && ps == 4096) {
@@ -886,6 +943,11 @@ void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
   SessionReport& r = s.report;
   r.failed = is_failure;
   r.end_reason = std::move(reason);
+  if (is_failure && r.accepted && options.kill_peer_on_fatal && r.peer_pid > 0 &&
+      !stopping.load()) {
+    // Its faults will never be served: a VMM left like that hangs. Kill it instead.
+    r.peer_killed = ::kill(r.peer_pid, SIGKILL) == 0;
+  }
   r.duration_ns = now_ns() - s.t_connect;
   if (!s.latencies.empty()) {
     auto& v = s.latencies;

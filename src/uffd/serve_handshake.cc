@@ -268,10 +268,11 @@ std::string to_string(const SessionReport& r) {
   auto us = [](uint64_t ns) { return static_cast<double>(ns) / 1e3; };
   std::snprintf(
       buf, sizeof buf,
-      "session %llu (pid %d): %s; %zu regions, %llu MiB; handshake %.0f us, last fault at "
+      "session %llu (pid %d): %s%s; %zu regions, %llu MiB; handshake %.0f us, last fault at "
       "%.3f s; faults %llu served %llu (p50 %.1f us, p99 %.1f us, max %.1f us); pages copied "
       "%llu zeroed %llu prefetched %llu; removes %llu, EAGAIN deferrals %llu, EEXIST wakes %llu",
-      static_cast<unsigned long long>(r.id), r.peer_pid, r.end_reason.c_str(), r.regions.size(),
+      static_cast<unsigned long long>(r.id), r.peer_pid, r.end_reason.c_str(),
+      r.peer_killed ? " (peer killed)" : "", r.regions.size(),
       static_cast<unsigned long long>(bytes >> 20), us(r.handshake_ns),
       static_cast<double>(r.last_fault_ns) / 1e9, static_cast<unsigned long long>(r.faults),
       static_cast<unsigned long long>(r.faults_served), us(r.latency_p50_ns),
@@ -306,7 +307,8 @@ std::string to_json(const SessionReport& r) {
   auto u = [](uint64_t v) { return std::to_string(v); };
   return "{\"session\":" + u(r.id) + ",\"peer_pid\":" + std::to_string(r.peer_pid) +
          ",\"accepted\":" + (r.accepted ? "true" : "false") +
-         ",\"failed\":" + (r.failed ? "true" : "false") + ",\"end_reason\":\"" + reason +
+         ",\"failed\":" + (r.failed ? "true" : "false") +
+         ",\"peer_killed\":" + (r.peer_killed ? "true" : "false") + ",\"end_reason\":\"" + reason +
          "\",\"regions\":" + regions + ",\"handshake_ns\":" + u(r.handshake_ns) +
          ",\"last_fault_ns\":" + u(r.last_fault_ns) + ",\"duration_ns\":" + u(r.duration_ns) +
          ",\"faults\":" + u(r.faults) + ",\"faults_served\":" + u(r.faults_served) +

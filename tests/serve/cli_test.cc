@@ -60,6 +60,10 @@ TEST(ServeCli, HelpAndBadUsage) {
                               dir / "threads.out");
   ASSERT_TRUE(threads.wait(30s));
   EXPECT_EQ(threads.exit_code(), 2) << threads.output();
+  auto fatal = Child::spawn({cli(), "serve", dir / "sock", dir / "nofile", "--on-fatal", "bogus"},
+                            dir / "fatal.out");
+  ASSERT_TRUE(fatal.wait(30s));
+  EXPECT_EQ(fatal.exit_code(), 2) << fatal.output();
 }
 
 TEST(ServeCli, OnceServesOneVmWithStatsAndJson) {

@@ -257,3 +257,54 @@ TEST(ServeRestore, HugePages2M) {
 
 }  // namespace
 }  // namespace gfnmap
+
+namespace gfnmap {
+namespace {
+
+using namespace std::chrono_literals;
+using serve_test::ServerHarness;
+using serve_test::TempDir;
+
+// The memory file truncated under a running restore: the session fails naming the file; the
+// VMM is killed with kill_peer_on_fatal, and left waiting without it. The server lives on.
+void truncated_memory_file(bool kill_peer) {
+  TempDir dir;
+  const std::string mem = dir / "mem", sock = dir / "sock";
+  serve_test::write_memfile(mem, 8 << 20);
+  ServerHarness h;
+  ASSERT_TRUE(h.start(sock, mem, 2, 5000, [&](uffd::ServeOptions& o) {
+                 o.kill_peer_on_fatal = kill_peer;
+               }).ok());
+  auto peer = serve_test::spawn_peer(
+      dir, sock, mem, {"--regions", "8M", "--delay-touch", "300", "--timeout", "2"});
+  ASSERT_TRUE(h.wait_started(1));
+  ASSERT_EQ(truncate(mem.c_str(), 4096), 0);
+  auto reports = h.wait_reports(1);
+  ASSERT_EQ(reports.size(), 1u);
+  EXPECT_TRUE(reports[0].failed);
+  EXPECT_NE(reports[0].end_reason.find("the memory file cannot be read at offset"),
+            std::string::npos)
+      << reports[0].end_reason;
+  EXPECT_EQ(reports[0].peer_killed, kill_peer);
+  ASSERT_TRUE(peer.wait(30s));
+  EXPECT_EQ(peer.exit_code(), kill_peer ? 128 + SIGKILL : 3) << peer.output();
+  // The server still accepts (and refuses: the regions are now past the end of the file).
+  auto next = serve_test::spawn_peer(dir, sock, mem, {"--regions", "8M", "--timeout", "1"}, "next");
+  reports = h.wait_reports(2);
+  ASSERT_EQ(reports.size(), 2u);
+  EXPECT_NE(reports[1].end_reason.find("past the end of the memory file"), std::string::npos);
+  EXPECT_FALSE(reports[1].peer_killed);  // refused handshakes never kill
+}
+
+TEST(ServeRestore, FatalErrorKillsTheVmmWhenAsked) {
+  GFNMAP_SKIP_WITHOUT_UFFD();
+  truncated_memory_file(true);
+}
+
+TEST(ServeRestore, FatalErrorLeavesTheVmmByDefault) {
+  GFNMAP_SKIP_WITHOUT_UFFD();
+  truncated_memory_file(false);
+}
+
+}  // namespace
+}  // namespace gfnmap

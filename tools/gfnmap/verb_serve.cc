@@ -36,6 +36,10 @@ then copies those pages right after each handshake, in the background and in tha
 of contiguous pages in one UFFDIO_COPY of up to 2 MiB); --prefetch sequential fills every
 region front to back. Demand faults always go first; a page the VMM discarded is never
 prefetched, and no page is copied twice.
+A fatal error after the handshake (the memory file unreadable, e.g. truncated; a failing
+ioctl) ends that session as failed; its VMM's faults are then never served and it hangs.
+--on-fatal kill-vmm SIGKILLs that VMM (its SO_PEERCRED pid) instead; the default, leave, does
+not touch another process.
 SIGTERM or SIGINT stops the server: sessions still running end ("server stopped"); their
 VMMs' pending faults are then never served, so stop the VMMs first.
 Exit status: 0 every session ended well; 1 a session failed (a refused handshake, a serving
@@ -52,6 +56,7 @@ struct ServeArgs {
   bool json = false;
   std::string prefetch = "off";
   std::string record;
+  std::string on_fatal = "leave";
 };
 
 int run_serve(const ServeArgs& a) {
@@ -82,6 +87,7 @@ int run_serve(const ServeArgs& a) {
     for (const auto& e : *ws) o.prefetch_working_set.push_back(e.offset);
   }
   o.record_working_set = !a.record.empty();
+  o.kill_peer_on_fatal = a.on_fatal == "kill-vmm";
   o.on_session_start = [&](const gfnmap::uffd::SessionReport& r) {
     uint64_t bytes = 0;
     for (const auto& g : r.regions) bytes += g.size;
@@ -233,6 +239,11 @@ GFNMAP_VERB("serve", "serve guest memory to VMMs' userfaultfds (Firecracker's Uf
               cmd.add_option("--record", a.record,
                              "write the working set (pages in first-touch order) of each session "
                              "to FILE when it ends (the last session wins)");
+              cmd.add_option("--on-fatal", a.on_fatal,
+                             "leave (default) or kill-vmm: SIGKILL a VMM whose session failed "
+                             "after its handshake, rather than leave it hung")
+                  ->check(CLI::IsMember({"leave", "kill-vmm"}))
+                  ->default_val("leave");
               return [] { return run_serve(a); };
             });
 

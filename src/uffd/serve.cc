@@ -65,29 +65,31 @@ bool all_zero(const std::byte* p, size_t n) {
 // Reading the memory file through the mapping raises SIGBUS where the file was truncated after
 // it was mapped. The zero check is the one read the server itself does (UFFDIO_COPY reads in
 // the kernel, which gives EFAULT instead); it runs under a guard that turns the SIGBUS into an
-// error for that session. The handler is installed once, only where SIGBUS had the default
-// action; any other SIGBUS gets the default action again.
+// error for that session. The handler is installed once; any other SIGBUS goes to the handler
+// that was there before (a sanitizer's, the application's) or gets the default action.
 thread_local sigjmp_buf t_bus_jmp;
 thread_local volatile sig_atomic_t t_bus_guard = 0;
+struct sigaction g_old_bus {};
 
-void on_sigbus(int sig) {
+void on_sigbus(int sig, siginfo_t* info, void* ctx) {
   if (t_bus_guard) siglongjmp(t_bus_jmp, 1);
-  signal(sig, SIG_DFL);  // not ours: returning re-runs the access, which now kills
+  if (g_old_bus.sa_flags & SA_SIGINFO) {
+    g_old_bus.sa_sigaction(sig, info, ctx);
+  } else if (g_old_bus.sa_handler != SIG_DFL && g_old_bus.sa_handler != SIG_IGN) {
+    g_old_bus.sa_handler(sig);
+  } else {
+    signal(sig, SIG_DFL);  // returning re-runs the access, which now kills
+  }
 }
 
 void install_sigbus_guard() {
   static std::once_flag once;
   std::call_once(once, [] {
-    struct sigaction old {};
-    if (sigaction(SIGBUS, nullptr, &old) != 0 || old.sa_handler != SIG_DFL ||
-        (old.sa_flags & SA_SIGINFO)) {
-      return;  // someone else's handler: leave it
-    }
     struct sigaction sa {};
-    sa.sa_handler = on_sigbus;
+    sa.sa_sigaction = on_sigbus;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_NODEFER;
-    sigaction(SIGBUS, &sa, nullptr);
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigaction(SIGBUS, &sa, &g_old_bus);
   });
 }
 

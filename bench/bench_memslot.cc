@@ -206,6 +206,15 @@ void BM_VcpuGfnToMemslot_Hit(benchmark::State& state) {
   check_found(state, found, static_cast<size_t>(state.iterations()));
 }
 
+// An empty read section: srcu_read_lock + srcu_read_unlock, uncontended.
+void BM_ReadLock(benchmark::State& state) {
+  Layout& l = layout(static_cast<uint32_t>(state.range(0)));
+  for (auto _ : state) {
+    auto lock = l.slots->read_lock();
+    benchmark::DoNotOptimize(lock);
+  }
+}
+
 // The whole reader path of a vCPU fault: read section + per-vCPU lookup (cache hit).
 void BM_ReadLockAndVcpuLookup(benchmark::State& state) {
   Layout& l = layout(static_cast<uint32_t>(state.range(0)));
@@ -292,6 +301,7 @@ BENCHMARK(BM_SearchMemslots)->Apply(sizes);
 BENCHMARK(BM_Floor_CachedRangeTest)->Apply(sizes);
 BENCHMARK(BM_GfnToMemslot_CacheHit)->Apply(sizes);
 BENCHMARK(BM_VcpuGfnToMemslot_Hit)->Apply(sizes);
+BENCHMARK(BM_ReadLock)->Arg(16);
 BENCHMARK(BM_ReadLockAndVcpuLookup)->Apply(sizes);
 BENCHMARK(BM_Create)->Apply(sizes)->UseManualTime();
 BENCHMARK(BM_Delete)->Apply(sizes)->UseManualTime();

@@ -229,7 +229,8 @@ inline const Memslot* MemslotSet::vcpu_gfn_to_memslot(VcpuMemslotCache& cache, G
 class Memslots;
 
 // An SRCU read-side section: the sets it hands out stay alive (and unchanged) until it ends.
-// Cheap: two atomic operations. Never blocks.
+// Cheap: an increment and a decrement of a counter of the calling thread, with no fence where
+// the kernel has membarrier (src/memslot/srcu.h). Never blocks.
 class [[nodiscard]] MemslotsReadLock {
  public:
   MemslotsReadLock(MemslotsReadLock&& other) noexcept;
@@ -246,7 +247,7 @@ class [[nodiscard]] MemslotsReadLock {
   friend class Memslots;
   MemslotsReadLock(const Memslots* owner, unsigned idx) : owner_(owner), idx_(idx) {}
   const Memslots* owner_;  // nullptr once moved from
-  unsigned idx_;           // SRCU counter: stripe * 2 + epoch
+  unsigned idx_;           // SRCU token (the epoch)
 };
 
 namespace detail {

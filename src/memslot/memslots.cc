@@ -211,7 +211,7 @@ const MemslotSet& MemslotsReadLock::set(unsigned as_id) const {
   static const MemslotSet& kNone =
       *MemslotSet::Impl::empty(0, kUserMemSlots, kMemslotGenUpdateInProgress).release();
   if (!owner_ || as_id >= owner_->config_.nr_address_spaces) return kNone;
-  // seq_cst: R3 of the argument in srcu.cc.
+  // seq_cst: L of the argument in srcu.cc (also an acquire: the set was built before W).
   return *owner_->impl_->active[as_id].load(std::memory_order_seq_cst);
 }
 

@@ -1,68 +1,164 @@
-// gfnmap memslots: the SRCU read side (striped two-epoch counters) and its grace-period wait.
-// Correctness and progress are argued next to synchronize().
+// gfnmap memslots: the SRCU read side (per-thread counters in two epochs), the reader-slot
+// registry, the membarrier probe, and the grace-period wait. Correctness and progress are argued
+// next to synchronize().
 #include "srcu.h"
 
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 namespace gfnmap::detail {
 namespace {
 
-// Threads spread over the stripes round-robin, so vCPU threads rarely share a counter line.
-unsigned this_thread_stripe() noexcept {
-  static std::atomic<unsigned> next{0};
-  thread_local const unsigned stripe =
-      next.fetch_add(1, std::memory_order_relaxed) % Srcu::kStripes;
-  return stripe;
+// The reader-slot registry: bit i set while some thread owns slot i. A thread claims the lowest
+// free slot at its first read section and frees it when it exits. Claims are acquire and frees
+// release, so a slot's next owner sees the last counter values its previous owner wrote.
+static_assert(Srcu::kReaderSlots == 64, "the registry is one 64-bit word");
+constinit std::atomic<uint64_t> g_slots_in_use{0};
+
+struct SlotRelease {
+  unsigned slot = Srcu::kReaderSlots;
+  ~SlotRelease() {
+    if (slot >= Srcu::kReaderSlots) return;
+    // Sections a thread_local destructor opens after this one use the shared counters.
+    tls_srcu_slot = Srcu::kShared;
+    g_slots_in_use.fetch_and(~(uint64_t{1} << slot), std::memory_order_release);
+  }
+};
+
+long sys_membarrier(int cmd) { return ::syscall(__NR_membarrier, cmd, 0, 0); }
+
+bool probe_membarrier() {
+#ifdef GFNMAP_SRCU_NO_MEMBARRIER
+  return false;
+#else
+  const long cmds = sys_membarrier(MEMBARRIER_CMD_QUERY);
+  if (cmds < 0 || !(cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) ||
+      !(cmds & MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)) {
+    return false;  // ENOSYS (no CONFIG_MEMBARRIER), seccomp, or a kernel before 4.14
+  }
+  return sys_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
+#endif
+}
+
+// Every running thread of the process executes a full memory barrier before this returns
+// (threads that are not running pass one when they are switched in). A child of fork() is not
+// registered (EPERM): it registers, and the global command is the last resort.
+void membarrier_all_threads() {
+  if (sys_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) return;
+  if (sys_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0 &&
+      sys_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) {
+    return;
+  }
+  if (sys_membarrier(MEMBARRIER_CMD_GLOBAL) == 0) return;
+  // Readers of this Srcu run without fences, so there is no safe way on.
+  std::fprintf(stderr, "gfnmap: membarrier failed (errno %d) after a successful probe\n", errno);
+  std::abort();
 }
 
 }  // namespace
 
-unsigned Srcu::read_lock() noexcept {
-  const unsigned stripe = this_thread_stripe();
-  const unsigned epoch = epoch_.load(std::memory_order_seq_cst) & 1;
-  // R2 below: seq_cst so that it precedes, in the single total order S, every later seq_cst
-  // load this reader makes of a published set pointer (R3).
-  stripes_[stripe].count[epoch].fetch_add(1, std::memory_order_seq_cst);
-  return stripe * 2 + epoch;
+bool Srcu::membarrier_available() {
+  static const bool available = probe_membarrier();
+  return available;
 }
 
-void Srcu::read_unlock(unsigned token) noexcept {
-  // Release (part of seq_cst): every read of the set by this reader happens-before the
-  // writer's load that sees the counter drop, hence before the set is freed.
-  stripes_[token / 2].count[token & 1].fetch_sub(1, std::memory_order_seq_cst);
+unsigned Srcu::this_thread_slot() { return tls_srcu_slot; }
+
+Srcu::Srcu(Mode mode) : membarrier_(mode == Mode::kAuto && membarrier_available()) {}
+
+unsigned Srcu::claim_thread_slot() noexcept {
+  uint64_t used = g_slots_in_use.load(std::memory_order_relaxed);
+  while (used != ~uint64_t{0}) {
+    const auto slot = static_cast<unsigned>(__builtin_ctzll(~used));
+    if (g_slots_in_use.compare_exchange_weak(used, used | (uint64_t{1} << slot),
+                                             std::memory_order_acquire,
+                                             std::memory_order_relaxed)) {
+      static thread_local SlotRelease release;  // frees the slot when this thread exits
+      release.slot = slot;
+      return slot;
+    }
+  }
+  return kShared;
 }
 
-// Why this is enough (all operations below and in read_lock/read_unlock are seq_cst, so there
-// is one total order S consistent with program order):
+unsigned Srcu::read_lock_slow() noexcept {
+  if (tls_srcu_slot == kUnassigned) {
+    tls_srcu_slot = claim_thread_slot();
+    if (tls_srcu_slot < kReaderSlots) return read_lock();
+  }
+  // No slot of its own: the shared count, with an atomic RMW (several threads write it). A
+  // seq_cst RMW is I of both protocols.
+  const unsigned epoch = epoch_.load(std::memory_order_relaxed) & 1;
+  shared_.locks[epoch].fetch_add(1, std::memory_order_seq_cst);
+  return epoch;
+}
+
+void Srcu::read_unlock_slow(unsigned token) noexcept {
+  if (tls_srcu_slot == kUnassigned) {
+    tls_srcu_slot = claim_thread_slot();
+    if (tls_srcu_slot < kReaderSlots) return read_unlock(token);
+  }
+  shared_.unlocks[token & 1].fetch_add(1, std::memory_order_release);
+}
+
+// Sections of `epoch` still counted: all unlock counts first, then all lock counts. A section
+// whose unlock is seen was locked before (its lock count happens before its unlock count, on
+// one thread or through the hand-over of the lock to another), so the later read of its lock
+// count sees it: every section adds 0 or 1, and 1 while its lock is seen and its unlock is not.
+long Srcu::active_readers(unsigned epoch) const noexcept {
+  long unlocks = shared_.unlocks[epoch].load(std::memory_order_seq_cst);
+  for (const Counts& slot : slots_) unlocks += slot.unlocks[epoch].load(std::memory_order_seq_cst);
+  long locks = shared_.locks[epoch].load(std::memory_order_seq_cst);
+  for (const Counts& slot : slots_) locks += slot.locks[epoch].load(std::memory_order_seq_cst);
+  return locks - unlocks;
+}
+
+// Why this is enough. A writer publishes a new set pointer (W, a seq_cst store) and then calls
+// synchronize(), which reads, for both epochs, every unlock count and then every lock count
+// (seq_cst loads, Z) and returns once their difference is 0. A reader R adds to a lock count
+// (I), loads the set pointer (L, seq_cst), reads the set, and adds to an unlock count (D, a
+// release store or RMW). We need: if L returned the old pointer, a zero difference proves that
+// D came first.
 //
-// A writer publishes a new set pointer (W) and then calls synchronize(), which observes, for
-// each stripe and for BOTH epochs, the counter equal to 0 at some point Z after W in S.
-// A reader R does R2 (increment), R3 (load the set pointer), ..., R4 (decrement), all on one
-// counter. If R3 returned the old pointer, R3 precedes W in S (a seq_cst load sees the last
-// store before it in S), so R2 < R3 < W < Z. R's counter is then at least 1 at Z unless R4 < Z
-// (every reader's increment precedes its decrement, so other readers cannot cancel R's). Hence
-// a zero at Z proves R4 < Z: R has left before the old set is freed. Readers whose R2 follows
-// W load the new pointer (or a newer one), which this grace period does not free.
+// Step 1: if L returned the old pointer, every Z of R's lock count sees I (or a later value).
+// - seq_cst protocol (I a seq_cst RMW): L reads a value before W, so L precedes W in the single
+//   total order S of seq_cst operations; I is sequenced before L and W before Z, so I precedes
+//   Z in S, and a seq_cst load cannot read a value from before a seq_cst write that precedes
+//   it in S. (This is the protocol TSan checks.)
+// - membarrier protocol (I a plain store, then a compiler barrier): the writer's membarrier
+//   runs a full barrier on R's CPU at some point P of R's execution, after the writer's own
+//   barrier that follows W and before the syscall returns (if R is not running, its last
+//   context switch is P). If P comes before L in R's program order, L sees W: R loads the new
+//   set. Otherwise P comes after I, so I is visible to all before the syscall returns, hence to
+//   every Z. This is user-space RCU's membarrier flavour; C++ has no term for membarrier.
 //
-// The epoch flips exist for progress only: after the flip to e^1, new readers count on e^1,
-// so the wait on epoch e needs only the finitely many readers that read e before the flip;
-// the second flip does the same for e^1. Without flips a steady stream of readers could keep a
-// counter above zero for ever.
+// Step 2: a zero difference means R's section was closed. Every count only grows, and every
+// section adds 0 or 1 to the difference (see active_readers), R 1 while its I is seen and its
+// D is not. Every count store is a release and every Z an acquire, so R's reads of the set
+// happen before the load that saw D, hence before the old set is freed. (No second membarrier
+// is needed: D's release already orders R's loads before it.)
+//
 void Srcu::synchronize() {
+  if (membarrier_) membarrier_all_threads();  // never under TSan
   for (int phase = 0; phase < 2; ++phase) {
-    const unsigned old_epoch = epoch_.load(std::memory_order_seq_cst) & 1;
+    const unsigned old_epoch = epoch_.load(std::memory_order_relaxed) & 1;
     epoch_.store(old_epoch ^ 1, std::memory_order_seq_cst);
-    for (Stripe& stripe : stripes_) {
-      unsigned spins = 0;
-      while (stripe.count[old_epoch].load(std::memory_order_seq_cst) != 0) {
-        // Read sections are short: spin briefly, then yield, then sleep.
-        if (++spins < 64) continue;
-        if (spins < 256) {
-          std::this_thread::yield();
-        } else {
-          std::this_thread::sleep_for(std::chrono::microseconds(20));
-        }
+    unsigned spins = 0;
+    while (active_readers(old_epoch) != 0) {
+      // Read sections are short: spin briefly, then yield, then sleep.
+      if (++spins < 64) continue;
+      if (spins < 256) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
     }
   }

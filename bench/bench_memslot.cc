@@ -4,9 +4,11 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gfnmap/memslot.h"
@@ -289,6 +291,38 @@ void BM_Delete(benchmark::State& state) {
   }
 }
 
+// BM_Delete while another thread holds an SRCU reader slot (a vCPU thread that has taken a read
+// section and idles): every swap's grace period then issues the membarrier, which the writer
+// skips while no other thread can be inside a read section.
+void BM_Delete_OtherReaderThread(benchmark::State& state) {
+  const auto n = static_cast<uint32_t>(state.range(0));
+  UpdateRig rig(n);
+  std::atomic<bool> stop{false};
+  std::atomic<bool> registered{false};
+  std::thread vcpu([&] {
+    { auto lock = rig.slots.read_lock(); }
+    registered = true;
+    while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  while (!registered.load()) std::this_thread::yield();
+  for (auto _ : state) {
+    if (!rig.slots.set_memory_region(extra_region(n, true)).ok()) {
+      state.SkipWithError("create failed");
+      break;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = rig.slots.set_memory_region(extra_region(n, false));
+    const auto t1 = std::chrono::steady_clock::now();
+    if (!r.ok()) {
+      state.SkipWithError("delete failed");
+      break;
+    }
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+  stop = true;
+  vcpu.join();
+}
+
 void sizes(benchmark::internal::Benchmark* b) {
   for (int n : {1, 16, 512, 32764}) b->Arg(n);
 }
@@ -305,6 +339,7 @@ BENCHMARK(BM_ReadLock)->Arg(16);
 BENCHMARK(BM_ReadLockAndVcpuLookup)->Apply(sizes);
 BENCHMARK(BM_Create)->Apply(sizes)->UseManualTime();
 BENCHMARK(BM_Delete)->Apply(sizes)->UseManualTime();
+BENCHMARK(BM_Delete_OtherReaderThread)->Arg(16)->UseManualTime();
 
 }  // namespace
 

@@ -18,8 +18,10 @@ namespace gfnmap::detail {
 namespace {
 
 // The reader-slot registry: bit i set while some thread owns slot i. A thread claims the lowest
-// free slot at its first read section and frees it when it exits. Claims are acquire and frees
-// release, so a slot's next owner sees the last counter values its previous owner wrote.
+// free slot at its first read section and frees it when it exits. Claims are seq_cst (at least
+// acquire) and frees release, so a slot's next owner sees the last counter values its previous
+// owner wrote; synchronize() reads the registry to skip the membarrier when no other thread
+// holds a slot.
 static_assert(Srcu::kReaderSlots == 64, "the registry is one 64-bit word");
 constinit std::atomic<uint64_t> g_slots_in_use{0};
 
@@ -79,7 +81,7 @@ unsigned Srcu::claim_thread_slot() noexcept {
   while (used != ~uint64_t{0}) {
     const auto slot = static_cast<unsigned>(__builtin_ctzll(~used));
     if (g_slots_in_use.compare_exchange_weak(used, used | (uint64_t{1} << slot),
-                                             std::memory_order_acquire,
+                                             std::memory_order_seq_cst,
                                              std::memory_order_relaxed)) {
       static thread_local SlotRelease release;  // frees the slot when this thread exits
       release.slot = slot;
@@ -146,8 +148,25 @@ long Srcu::active_readers(unsigned epoch) const noexcept {
 // happen before the load that saw D, hence before the old set is freed. (No second membarrier
 // is needed: D's release already orders R's loads before it.)
 //
+// The membarrier is skipped when no thread but the caller holds a reader slot (one thread
+// updating slots that nobody reads concurrently, as in tools and benchmarks): a thread's first
+// section claims its slot (C, a seq_cst RMW on the registry) before its I and L. If L returned
+// the old pointer, L precedes W in S, so C does too, and the registry load G, which follows W,
+// sees C (unless the thread has exited since, outside any section). Threads without a slot use
+// the shared counts, whose I is a seq_cst RMW in both protocols.
+//
+// The epoch flips exist for progress only: after the flip to e^1, new readers count on e^1,
+// so the wait on epoch e needs only the finitely many sections that read e before the flip;
+// the second flip does the same for e^1. Without flips a steady stream of readers could keep
+// the difference above zero for ever.
 void Srcu::synchronize() {
-  if (membarrier_) membarrier_all_threads();  // never under TSan
+  if (membarrier_) {  // never under TSan
+    const unsigned own = tls_srcu_slot;
+    const uint64_t own_bit = own < kReaderSlots ? uint64_t{1} << own : 0;
+    if ((g_slots_in_use.load(std::memory_order_seq_cst) & ~own_bit) != 0) {  // G
+      membarrier_all_threads();
+    }
+  }
   for (int phase = 0; phase < 2; ++phase) {
     const unsigned old_epoch = epoch_.load(std::memory_order_relaxed) & 1;
     epoch_.store(old_epoch ^ 1, std::memory_order_seq_cst);

@@ -33,7 +33,9 @@ namespace gfnmap::detail {
 //   synchronize() issues membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED), which makes every
 //   running thread of the process execute a full memory barrier.
 // - seq_cst (kernels without it, Mode::kSeqCst, TSan builds): the lock count is a seq_cst RMW.
-// synchronize() callers must be serialised (Memslots holds its slots lock).
+// The publish that synchronize() follows must be a seq_cst store, and readers' loads of the
+// published pointer seq_cst loads (plain moves on x86). synchronize() callers must be
+// serialised (Memslots holds its slots lock).
 class Srcu {
  public:
   enum class Mode {

@@ -233,6 +233,29 @@ TEST(ServeRestore, TwoMegPagesOverAnonymousMemory) {
   EXPECT_EQ(r.removes, 1u);
 }
 
+// A VMM with UNMAP and REMAP events: region 0 moves half-restored (its later faults come at the
+// new address and must get the same file offsets), then the last region is unmapped.
+TEST(ServeRestore, RemapAndUnmapEvents) {
+  GFNMAP_SKIP_WITHOUT_UFFD();
+  TempDir dir;
+  const std::string mem = dir / "mem", sock = dir / "sock";
+  serve_test::write_memfile(mem, 8 << 20);
+  ServerHarness h;
+  ASSERT_TRUE(h.start(sock, mem).ok());
+  auto peer = serve_test::spawn_peer(dir, sock, mem,
+                                     {"--regions", "2M,1M", "--file-offset", "4M", "--remap"});
+  ASSERT_TRUE(peer.wait(60s)) << peer.output();
+  EXPECT_EQ(peer.exit_code(), 0) << peer.output();
+  EXPECT_NE(peer.output().find("ok: remap and unmap"), std::string::npos) << peer.output();
+  auto reports = h.wait_reports(1);
+  ASSERT_EQ(reports.size(), 1u);
+  const uffd::SessionReport& r = reports[0];
+  EXPECT_FALSE(r.failed) << r.end_reason;
+  EXPECT_EQ(r.remaps, 1u);
+  EXPECT_GE(r.unmaps, 1u);  // the munmap (and the move's source range, on some kernels)
+  EXPECT_EQ(r.faults, (2u << 20) / 4096);
+}
+
 TEST(ServeRestore, HugePages2M) {
   GFNMAP_SKIP_WITHOUT_UFFD();
   const HostFacts& f = host_facts();

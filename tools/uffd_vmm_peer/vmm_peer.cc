@@ -51,6 +51,9 @@ constexpr const char* kUsage =
   --balloon-first      MADV_DONTNEED half of region 0 right after the handshake, before any
                        touch: those pages must read zero (a prefetch must not fill them)
   --delay-touch MS     wait MS milliseconds after the handshake before touching
+  --remap              also enable UNMAP and REMAP events; touch the first half of region 0,
+                       move region 0 (mremap), touch the rest at its new address, then
+                       unmap the last region; every byte checked (one thread)
   --legacy             send the old three-field handshake (no page size)
   --split              send the JSON and the fd in two messages, 20 ms apart
   --hold               after the checks, stay connected until killed (a VM that keeps running)
@@ -66,7 +69,7 @@ struct Args {
   bool random = false;
   long exit_after = -1;
   bool balloon = false, legacy = false, split = false, quiet = false, hold = false;
-  bool no_hugetlb = false, balloon_first = false;
+  bool no_hugetlb = false, balloon_first = false, remap = false;
   unsigned delay_touch_ms = 0;
   unsigned timeout = 60;
 };
@@ -128,6 +131,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--hold") a.hold = true;
     else if (k == "--no-hugetlb") a.no_hugetlb = true;
     else if (k == "--balloon-first") a.balloon_first = true;
+    else if (k == "--remap") a.remap = true;
     else if (k == "--delay-touch") a.delay_touch_ms = static_cast<unsigned>(std::atoi(val()));
     else if (k == "--timeout") a.timeout = static_cast<unsigned>(std::atoi(val()));
     else if (k == "--help" || k == "-h") {
@@ -210,7 +214,9 @@ int main(int argc, char** argv) {
 
   int uffd = open_userfaultfd();
   if (uffd < 0) die(2, "userfaultfd: ", std::strerror(errno));
-  uffdio_api api{UFFD_API, UFFD_FEATURE_EVENT_REMOVE, 0};
+  uint64_t features = UFFD_FEATURE_EVENT_REMOVE;
+  if (a.remap) features |= UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP;
+  uffdio_api api{UFFD_API, features, 0};
   if (ioctl(uffd, UFFDIO_API, &api) != 0) die(2, "UFFDIO_API: ", std::strerror(errno));
   for (const Region& r : regions) {
     uffdio_register reg{};
@@ -269,6 +275,37 @@ int main(int argc, char** argv) {
     send_part(json.data() + json.size() - 1, 1, true);
   } else {
     send_part(json.data(), json.size(), true);
+  }
+
+  if (a.remap) {
+    // Pages of region 0 at `base`, from page `from` to `to`, checked against the file.
+    auto check = [&](const uint8_t* base, uint64_t from, uint64_t to, const char* where) {
+      for (uint64_t off = from * a.page; off < to * a.page; off += a.page) {
+        if (std::memcmp(base + off, file + regions[0].offset + off, a.page) != 0) {
+          std::fprintf(stderr, "gfnmap-vmm-peer: remap: page at byte %llu of region 0 (%s) "
+                       "differs from the memory file\n",
+                       static_cast<unsigned long long>(off), where);
+          std::exit(1);
+        }
+      }
+    };
+    const uint64_t n = regions[0].size / a.page;
+    check(regions[0].addr, 0, n / 2, "before the move");
+    void* dst = mmap(nullptr, regions[0].size, PROT_NONE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (dst == MAP_FAILED) die(2, "mmap: ", std::strerror(errno));
+    void* moved = mremap(regions[0].addr, regions[0].size, regions[0].size,
+                         MREMAP_MAYMOVE | MREMAP_FIXED, dst);
+    if (moved == MAP_FAILED) die(2, "mremap: ", std::strerror(errno));
+    const auto* base = static_cast<const uint8_t*>(moved);
+    check(base, n / 2, n, "faulted after the move");
+    check(base, 0, n / 2, "placed before the move");
+    if (regions.size() > 1 && munmap(regions.back().addr, regions.back().size) != 0) {
+      die(2, "munmap: ", std::strerror(errno));
+    }
+    if (!a.quiet) std::printf("gfnmap-vmm-peer: ok: remap and unmap\n");
+    close(sock);
+    return 0;
   }
 
   // The balloon range: the middle half of region 0.

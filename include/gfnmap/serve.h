@@ -72,6 +72,8 @@ struct SessionReport {
   uint64_t eagain_deferrals = 0;  // EAGAIN: events read first, then the fault retried
   uint64_t eexist_wakes = 0;      // EEXIST: the page was there, the faulter woken
   uint64_t pages_prefetched = 0;  // placed by prefetch (working set or sequential)
+  uint64_t faults_during_prefetch = 0;  // demand faults read while the prefetch had work left
+  uint64_t prefetch_done_ns = 0;        // handshake -> prefetch plan done (0: none, unfinished)
   // With ServeOptions::record_working_set: the pages of demand faults, first touch first.
   std::vector<WorkingSetEntry> working_set;
   uint64_t latency_p50_ns = 0, latency_p99_ns = 0, latency_max_ns = 0;  // read -> placed

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <iterator>
@@ -44,6 +45,11 @@ constexpr uint64_t kKindPrefetch = 3;
 constexpr size_t kMaxHandshakeBytes = 1 << 20;
 constexpr int kMaxFds = 16;
 constexpr uint64_t k2M = 2u << 20;
+// The largest UFFDIO_COPY of a prefetch. A prefetch copy runs without the session lock, so a
+// demand fault never waits for it to finish, except to read the userfaultfd (a REMOVE read
+// while a prefetch copy is in flight could be zapped before the copy places its pages): that
+// wait is at most one copy this big.
+constexpr uint64_t kPrefetchCopyBytes = 128u << 10;
 
 uint64_t now_ns() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -197,6 +203,10 @@ enum class Phase { kHandshake, kServing };
 
 struct Session {
   std::mutex mu;
+  // A prefetch UFFDIO_COPY is in flight without mu held (set and cleared under mu). Reading the
+  // userfaultfd and closing it wait until it is not (cv).
+  bool copy_inflight = false;
+  std::condition_variable_any cv;
   uint64_t id = 0;
   int sock = -1;
   int uffd = -1;
@@ -212,6 +222,11 @@ struct Session {
   std::vector<uint64_t> latencies;
   std::vector<std::pair<uint64_t, uint64_t>> plan;  // prefetch runs: (address, length)
   size_t plan_next = 0;
+  // Pages placed or claimed, by 4K page of the memory file (prefetch sessions only): prefetch
+  // claims a page here before copying it and skips pages already here, so it never copies a
+  // page twice (nor one a demand fault placed). Read and written under mu.
+  std::vector<uint8_t> placed;
+  uint64_t prefetch_done_ns = 0;
   std::unordered_set<uint64_t> recorded;  // file offsets already in report.working_set
   SessionReport report;
 };
@@ -257,7 +272,8 @@ struct ServeServer::Impl {
   bool serve_fault(Session& s, uint64_t addr, uint64_t t_read);
   void serve_pending(Session& s);
   void build_plan(Session& s);
-  bool prefetch_turn(Session& s);
+  bool prefetch_turn(Session& s, std::unique_lock<std::mutex>& lk);
+  void mark_placed(Session& s, uint64_t off, uint64_t len, uint8_t v);
   void apply_unmap(Session& s, uint64_t start, uint64_t end);
   void apply_remap(Session& s, uint64_t from, uint64_t to, uint64_t len);
   void end(Session& s, bool failed, std::string reason);
@@ -452,7 +468,7 @@ void ServeServer::Impl::rearm(Session& s, int fd, uint64_t kind) {
 void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind,
                                uint32_t events) {
   Session& s = *sp;
-  std::lock_guard g(s.mu);
+  std::unique_lock g(s.mu);
   if (s.closed) return;
   if (kind == kKindSocket) {
     if (s.phase == Phase::kHandshake) {
@@ -471,7 +487,7 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
   }
   if (kind == kKindPrefetch) {
     serve(s);  // demand faults first
-    const bool done = s.closed || prefetch_turn(s);
+    const bool done = s.closed || prefetch_turn(s, g);
     serve_pending(s);  // faults read while prefetching
     if (s.closed) return;
     if (done) {
@@ -624,6 +640,10 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
 // its page, and any fault retried after it, gets a zero page), faults are queued. False when
 // nothing was read.
 bool ServeServer::Impl::read_messages(Session& s) {
+  // A REMOVE read now lets the VMM's madvise go on to zap the range; a prefetch copy still in
+  // flight could place pages after that zap. So no read while one is (at most one small copy).
+  s.cv.wait(s.mu, [&s] { return !s.copy_inflight; });
+  if (s.uffd < 0) return false;
   uffd_msg msgs[64];
   ssize_t n = read(s.uffd, msgs, sizeof msgs);
   if (n <= 0) return false;
@@ -634,6 +654,7 @@ bool ServeServer::Impl::read_messages(Session& s) {
     switch (m.event) {
       case UFFD_EVENT_PAGEFAULT:
         ++s.report.faults;
+        if (s.plan_next < s.plan.size()) ++s.report.faults_during_prefetch;
         s.pending.emplace_back(m.arg.pagefault.address, t);
         break;
       case UFFD_EVENT_REMOVE:
@@ -688,6 +709,7 @@ void ServeServer::Impl::build_plan(Session& s) {
       }
     }
   }
+  if (!s.plan.empty() || options.prefetch_sequential) s.placed.assign((mem_size + 4095) / 4096, 0);
   if (options.prefetch_sequential) {
     for (const ServeRegion& g : s.regions) {
       const uint64_t chunk = std::max(k2M, g.page_size);
@@ -698,15 +720,23 @@ void ServeServer::Impl::build_plan(Session& s) {
   }
 }
 
-// One turn of prefetch (about 2 ms, or until a demand fault is waiting): copies the next runs,
-// skipping pages the VMM discarded; a page already present (EEXIST) is stepped over. True when
-// the plan is done.
-bool ServeServer::Impl::prefetch_turn(Session& s) {
+// One turn of prefetch (about 2 ms): copies the next runs in copies of at most
+// kPrefetchCopyBytes, skipping pages the VMM discarded and pages already placed or claimed.
+// Each copy runs without the session lock, so the session's demand faults are read and served
+// (on another handler thread, or here between two copies) while it is in flight: a demand fault
+// waits for at most one small copy, never for a batch. A page already present (EEXIST: a demand
+// fault placed it first) is stepped over. True when the plan is done (or the session ended).
+bool ServeServer::Impl::prefetch_turn(Session& s, std::unique_lock<std::mutex>& lk) {
   const uint64_t t_end = now_ns() + 2'000'000;
   while (s.plan_next < s.plan.size()) {
-    if (stopping.load(std::memory_order_relaxed) || s.closed) return false;
+    if (s.closed) return true;
+    if (stopping.load(std::memory_order_relaxed)) return false;
     pollfd p{s.uffd, POLLIN, 0};
-    if (poll(&p, 1, 0) == 1 || now_ns() > t_end) return false;  // demand first
+    if (poll(&p, 1, 0) == 1) {  // demand first: read and serve it before the next copy
+      serve(s);
+      if (s.closed) return true;
+    }
+    if (now_ns() > t_end) return false;
     auto [addr, len] = s.plan[s.plan_next];
     const ServeRegion* r = nullptr;
     for (const ServeRegion& g : s.regions) {
@@ -718,47 +748,77 @@ bool ServeServer::Impl::prefetch_turn(Session& s) {
     }
     const uint64_t ps = r->page_size;
     const uint64_t end_addr = std::min(addr + len, r->base_host_virt_addr + r->size);
+    const uint64_t r_off = r->offset, r_base = r->base_host_virt_addr;  // r may go when unlocked
+    auto file_off = [r_off, r_base](uint64_t va) { return r_off + (va - r_base); };
+    auto free_page = [&](uint64_t va) {
+      return !s.removed.contains(va) && !s.placed[file_off(va) / 4096];
+    };
     uint64_t a = addr;
-    while (a < end_addr) {
-      if (s.removed.contains(a)) {
-        a += ps;
-        continue;
-      }
-      uint64_t b = a + ps;
-      while (b < end_addr && !s.removed.contains(b)) b += ps;
-      uffdio_copy c{};
-      c.dst = a;
-      c.src = reinterpret_cast<uint64_t>(mem + r->offset + (a - r->base_host_virt_addr));
-      c.len = b - a;
-      if (ioctl(s.uffd, UFFDIO_COPY, &c) == 0) {
-        s.report.pages_prefetched += (b - a) / ps;
-        a = b;
-        continue;
-      }
-      const int e = errno;
-      const uint64_t done = c.copy > 0 ? static_cast<uint64_t>(c.copy) : 0;
-      s.report.pages_prefetched += done / ps;
-      if (e == EEXIST) {
-        a += done + ps;  // the page after the copied ones is there: step over it
-        continue;
-      }
-      if (e == EAGAIN) {
-        // An event is pending: read it (its faults are served before the next turn) and go
-        // on from here later, past any range it removed.
-        ++s.report.eagain_deferrals;
-        s.plan[s.plan_next] = {a + done, end_addr - (a + done)};
-        read_messages(s);
-        return false;
-      }
-      if (e == ESRCH) {
-        end(s, false, "peer hung up (its mm is gone)");
-        return true;
-      }
-      break;  // ENOENT (the range went away) or another error: drop this run
+    while (a < end_addr && !free_page(a)) a += ps;
+    if (a >= end_addr) {
+      ++s.plan_next;
+      continue;
     }
-    ++s.plan_next;
+    const uint64_t max_len = std::max(kPrefetchCopyBytes, ps);
+    uint64_t b = a + ps;
+    while (b < end_addr && b - a < max_len && free_page(b)) b += ps;
+    // Claim [a, b), then copy it with the session unlocked.
+    mark_placed(s, file_off(a), b - a, 1);
+    uffdio_copy c{};
+    c.dst = a;
+    c.src = reinterpret_cast<uint64_t>(mem + file_off(a));
+    c.len = b - a;
+    const int uffd = s.uffd;
+    s.copy_inflight = true;
+    lk.unlock();
+    const int rc = ioctl(uffd, UFFDIO_COPY, &c);
+    const int e = errno;
+    lk.lock();
+    s.copy_inflight = false;
+    s.cv.notify_all();
+    if (rc == 0) {
+      s.report.pages_prefetched += (b - a) / ps;
+      s.plan[s.plan_next] = {b, end_addr - b};
+      continue;
+    }
+    const uint64_t done = c.copy > 0 ? static_cast<uint64_t>(c.copy) : 0;
+    s.report.pages_prefetched += done / ps;
+    if (e == EEXIST) {
+      // The page after the copied ones is there (a demand fault placed it): step over it and
+      // release the claim of the rest.
+      const uint64_t next = a + done + ps;
+      if (next < b) mark_placed(s, file_off(next), b - next, 0);
+      s.plan[s.plan_next] = {next, end_addr > next ? end_addr - next : 0};
+      continue;
+    }
+    mark_placed(s, file_off(a + done), b - (a + done), 0);  // not placed: release
+    if (e == EAGAIN) {
+      // An event is pending: read it (and serve the faults read with it), then go on from
+      // here, past any range it removed.
+      ++s.report.eagain_deferrals;
+      s.plan[s.plan_next] = {a + done, end_addr - (a + done)};
+      if (!s.closed) read_messages(s);
+      serve_pending(s);
+      return s.closed;
+    }
+    if (e == ESRCH) {
+      end(s, false, "peer hung up (its mm is gone)");
+      return true;
+    }
+    if (s.closed) return true;
+    ++s.plan_next;  // ENOENT (the range went away) or another error: drop this run
+  }
+  if (!s.prefetch_done_ns && s.t_handshake) {
+    s.prefetch_done_ns = now_ns() - s.t_handshake;
+    s.report.prefetch_done_ns = s.prefetch_done_ns;
   }
   return true;
+}
+
+// Marks the memory-file pages [off, off + len) placed (1) or not (0), for prefetch.
+void ServeServer::Impl::mark_placed(Session& s, uint64_t off, uint64_t len, uint8_t v) {
+  const uint64_t first = off / 4096, last = std::min<uint64_t>((off + len + 4095) / 4096, s.placed.size());
+  for (uint64_t i = first; i < last; ++i) s.placed[i] = v;
 }
 
 void ServeServer::Impl::serve(Session& s) {
@@ -823,6 +883,7 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
     }
     if (rc == 0) {
       ++(zeropage ? s.report.pages_zeroed : s.report.pages_copied);
+      if (!s.placed.empty()) mark_placed(s, off, ps, 1);
       if (options.record_working_set && !s.removed.contains(page)) {
         const uint64_t file_off = r->offset + ((page & ~(r->page_size - 1)) - r->base_host_virt_addr);
         if (s.recorded.insert(file_off).second) {
@@ -925,6 +986,7 @@ void ServeServer::Impl::apply_remap(Session& s, uint64_t from, uint64_t to, uint
 void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
   if (s.closed) return;
   s.closed = true;
+  s.cv.wait(s.mu, [&s] { return !s.copy_inflight; });  // the copy uses s.uffd
   if (s.sock >= 0) {
     epoll_ctl(epfd, EPOLL_CTL_DEL, s.sock, nullptr);
     close(s.sock);

@@ -315,6 +315,8 @@ std::string to_json(const SessionReport& r) {
          ",\"latency_p50_ns\":" + u(r.latency_p50_ns) + ",\"latency_p99_ns\":" +
          u(r.latency_p99_ns) + ",\"latency_max_ns\":" + u(r.latency_max_ns) +
          ",\"pages_copied\":" + u(r.pages_copied) + ",\"pages_zeroed\":" + u(r.pages_zeroed) + ",\"pages_prefetched\":" + u(r.pages_prefetched) +
+         ",\"faults_during_prefetch\":" + u(r.faults_during_prefetch) +
+         ",\"prefetch_done_ns\":" + u(r.prefetch_done_ns) +
          ",\"removes\":" + u(r.removes) + ",\"unmaps\":" + u(r.unmaps) + ",\"remaps\":" +
          u(r.remaps) + ",\"eagain_deferrals\":" + u(r.eagain_deferrals) +
          ",\"eexist_wakes\":" + u(r.eexist_wakes) + "}";

@@ -140,6 +140,41 @@ TEST(ServeWorkingSet, SequentialPrefetchNeverFillsDiscardedPages) {
   }
 }
 
+// A large sequential prefetch (96 MiB) runs while the VMM touches pages in random order from
+// the start: its demand faults are read and served while the prefetch still has work left (a
+// prefetch copy never holds the session, so they do not queue behind it), every byte is the
+// file's, and no page is placed twice. Counts, not wall-clock speed.
+TEST(ServeWorkingSet, DemandFaultsServedWhileALargePrefetchRuns) {
+  GFNMAP_SKIP_WITHOUT_UFFD();
+  TempDir dir;
+  const std::string mem = dir / "mem", sock = dir / "sock";
+  serve_test::write_memfile(mem, 96 << 20);
+  const uint64_t pages = (96u << 20) / 4096;
+  for (unsigned threads : {1u, 2u}) {
+    ServerHarness h;
+    ASSERT_TRUE(h.start(sock, mem, threads, 5000, [](uffd::ServeOptions& o) {
+                   o.prefetch_sequential = true;
+                 }).ok());
+    // Region 1 comes last in the prefetch; the peer touches it first, in random order.
+    auto peer = serve_test::spawn_peer(
+        dir, sock, mem, {"--regions", "32M,64M", "--order", "random", "--threads", "2"},
+        "peer" + std::to_string(threads));
+    ASSERT_TRUE(peer.wait(120s)) << peer.output();
+    EXPECT_EQ(peer.exit_code(), 0) << peer.output();
+    auto reports = h.wait_reports(1);
+    ASSERT_EQ(reports.size(), 1u);
+    const uffd::SessionReport& r = reports[0];
+    EXPECT_FALSE(r.failed) << r.end_reason;
+    EXPECT_GT(r.pages_prefetched, 0u);
+    EXPECT_GT(r.prefetch_done_ns, 0u);
+    // Demand faults were served while the prefetch ran, not after it.
+    EXPECT_GT(r.faults_during_prefetch, 20u) << uffd::to_string(r);
+    EXPECT_EQ(r.faults_served, r.faults);
+    // Every page placed exactly once, by the prefetch or by a demand fault.
+    EXPECT_EQ(r.pages_prefetched + r.pages_copied + r.pages_zeroed, pages) << uffd::to_string(r);
+  }
+}
+
 TEST(ServeWorkingSet, CliRecordThenPrefetch) {
 #ifndef GFNMAP_CLI
   GTEST_SKIP() << "the gfnmap CLI is not built in this preset";

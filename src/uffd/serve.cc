@@ -701,12 +701,30 @@ void ServeServer::Impl::build_plan(Session& s) {
     }
     s.plan.emplace_back(addr, len);
   };
+  // The working set in the order of first touch, by 2 MiB block of the file: at a block's first
+  // page, every page of the set in that block, front to back (contiguous ones in one run). A set
+  // recorded in random order replays in 2 MiB copies instead of single pages.
+  const uint64_t file_pages = (mem_size + 4095) / 4096;
+  std::vector<uint8_t> in_set(options.prefetch_working_set.empty() ? 0 : file_pages);
   for (uint64_t off : options.prefetch_working_set) {
+    if (off / 4096 < file_pages) in_set[off / 4096] = 1;
+  }
+  auto add_page = [&](uint64_t off) {
     for (const ServeRegion& g : s.regions) {
       if (off >= g.offset && off < g.offset + g.size) {
         add(g.base_host_virt_addr + ((off - g.offset) & ~(g.page_size - 1)), g.page_size);
         break;
       }
+    }
+  };
+  for (uint64_t off : options.prefetch_working_set) {
+    const uint64_t block = off & ~(k2M - 1);
+    if (off / 4096 >= file_pages || !in_set[off / 4096]) continue;  // its block went already
+    const uint64_t block_end = std::min(block + k2M, file_pages * 4096);
+    for (uint64_t o = block; o < block_end; o += 4096) {
+      if (!in_set[o / 4096]) continue;
+      in_set[o / 4096] = 0;
+      add_page(o);
     }
   }
   if (!s.plan.empty() || options.prefetch_sequential) s.placed.assign((mem_size + 4095) / 4096, 0);

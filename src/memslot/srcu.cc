@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -24,6 +25,9 @@ namespace {
 // holds a slot.
 static_assert(Srcu::kReaderSlots == 64, "the registry is one 64-bit word");
 constinit std::atomic<uint64_t> g_slots_in_use{0};
+// One past the highest slot ever claimed (only grows, with seq_cst RMWs): slots from here on
+// have never been used, so all their counts are 0 and the scan stops here.
+constinit std::atomic<unsigned> g_slots_high{0};
 
 struct SlotRelease {
   unsigned slot = Srcu::kReaderSlots;
@@ -85,6 +89,12 @@ unsigned Srcu::claim_thread_slot() noexcept {
                                              std::memory_order_relaxed)) {
       static thread_local SlotRelease release;  // frees the slot when this thread exits
       release.slot = slot;
+      // Raised before the slot's first count (U of active_readers: the raise, or the seq_cst
+      // load that finds the bound high enough, which reads a raise that precedes it in S).
+      unsigned high = g_slots_high.load(std::memory_order_seq_cst);
+      while (high < slot + 1 &&
+             !g_slots_high.compare_exchange_weak(high, slot + 1, std::memory_order_seq_cst)) {
+      }
       return slot;
     }
   }
@@ -115,11 +125,25 @@ void Srcu::read_unlock_slow(unsigned token) noexcept {
 // whose unlock is seen was locked before (its lock count happens before its unlock count, on
 // one thread or through the hand-over of the lock to another), so the later read of its lock
 // count sees it: every section adds 0 or 1, and 1 while its lock is seen and its unlock is not.
+//
+// Only slots below g_slots_high are read, the bound re-read between the passes. An unlock on
+// a slot claimed after the first read is skipped, which only overcounts. A lock must not be
+// skipped when its unlock was counted, nor when its section loaded the old set: in both cases
+// the raise of the bound for its slot (U, before its first count) precedes the second read
+// (through the counted unlock, or U precedes L, L precedes W, W precedes this read in S).
 long Srcu::active_readers(unsigned epoch) const noexcept {
+  const unsigned unlock_high = std::min(g_slots_high.load(std::memory_order_seq_cst),
+                                        kReaderSlots);
   long unlocks = shared_.unlocks[epoch].load(std::memory_order_seq_cst);
-  for (const Counts& slot : slots_) unlocks += slot.unlocks[epoch].load(std::memory_order_seq_cst);
+  for (unsigned i = 0; i < unlock_high; ++i) {
+    unlocks += slots_[i].unlocks[epoch].load(std::memory_order_seq_cst);
+  }
+  const unsigned lock_high = std::min(g_slots_high.load(std::memory_order_seq_cst),
+                                      kReaderSlots);
   long locks = shared_.locks[epoch].load(std::memory_order_seq_cst);
-  for (const Counts& slot : slots_) locks += slot.locks[epoch].load(std::memory_order_seq_cst);
+  for (unsigned i = 0; i < lock_high; ++i) {
+    locks += slots_[i].locks[epoch].load(std::memory_order_seq_cst);
+  }
   return locks - unlocks;
 }
 

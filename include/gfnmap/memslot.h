@@ -220,7 +220,12 @@ inline const Memslot* MemslotSet::vcpu_gfn_to_memslot(VcpuMemslotCache& cache, G
   // The cache never stores an in-progress generation, and only with a slot of the set that had
   // it, so a match means cache.slot belongs to this set (a fresh cache holds nullptr and the
   // in-progress sentinel, which an in-progress set can show).
-  if (cache.generation == gen && cache.slot && cache.slot->contains(gfn)) [[likely]] {
+  // Two compares, not contains(): a vCPU's own cache nearly always hits, and for hits this form
+  // measured 0.65-1.02 ns against 1.15-1.30 ns for the one-compare form (bench_memslot,
+  // BM_VcpuGfnToMemslot_Hit, same runs). The VM-wide cache, shared by all vCPUs, misses often;
+  // there the one-compare form saves the coin-flip branch.
+  if (cache.generation == gen && cache.slot && gfn >= cache.slot->base_gfn &&
+      gfn < cache.slot->end_gfn()) [[likely]] {
     return cache.slot;
   }
   return vcpu_gfn_to_memslot_miss(cache, gfn, gen);

@@ -1,6 +1,7 @@
 // gfnmap memslots: MemslotSet lookups (gfn search with caches, id, hva intervals), its builder,
 // and the gfn -> hva helpers (spec 3.1 step 1, 5, 7.2).
 #include <algorithm>
+#include <bit>
 #include <new>
 #include <utility>
 
@@ -309,9 +310,9 @@ void MemslotSet::Impl::finish(MemslotSet& s) {
   for (const Memslot& m : s.by_gfn_) max_id = std::max<uint32_t>(max_id, m.id);
 
   // The gfn search tree over the bases of by_gfn_[1 ..]: the smallest perfect tree with room for
-  // n - 1 bases (2^depth - 1 >= n - 1, so 16 slots take 4 steps), then one leaf per slot. Node
-  // k at level l (2^l <= k < 2^(l + 1)) is in-order node ((2 (k - 2^l) + 1) << (depth - 1 - l))
-  // - 1, whose base is that of by_gfn_[in-order + 1].
+  // n - 1 bases (2^depth - 1 >= n - 1, so 16 slots take 4 steps), then one leaf per slot. The
+  // j-th base in order (j >= 1) goes to node 2^l + (j >> (t + 1)) with t = ctz(j) and
+  // l = depth - 1 - t (its level), so the bases are read in order, as they lie in memory.
   const size_t keys = n > 0 ? n - 1 : 0;
   unsigned depth = 0;
   while ((size_t{1} << depth) - 1 < keys) ++depth;
@@ -319,12 +320,11 @@ void MemslotSet::Impl::finish(MemslotSet& s) {
   s.gfn_tree_depth_ = depth;
   s.gfn_tree_.resize(first_leaf + std::max<size_t>(n, 1));
   s.gfn_tree_[0].base = 0;  // unused
-  for (unsigned level = 0; level < depth; ++level) {
-    for (size_t k = size_t{1} << level; k < (size_t{2} << level); ++k) {
-      const size_t in_order = ((2 * (k - (size_t{1} << level)) + 1) << (depth - 1 - level)) - 1;
-      s.gfn_tree_[k].base = in_order < keys ? s.by_gfn_[in_order + 1].base_gfn.value
-                                            : ~uint64_t{0};
-    }
+  for (size_t k = 1; k < first_leaf; ++k) s.gfn_tree_[k].base = ~uint64_t{0};  // padding
+  for (size_t j = 1; j <= keys; ++j) {
+    const auto t = static_cast<unsigned>(std::countr_zero(j));
+    const size_t node = (size_t{1} << (depth - 1 - t)) + (j >> (t + 1));
+    s.gfn_tree_[node].base = s.by_gfn_[j].base_gfn.value;
   }
   s.gfn_tree_[first_leaf].slot = &kNoSlot;  // the empty set's only leaf
   for (size_t i = 0; i < n; ++i) s.gfn_tree_[first_leaf + i].slot = &s.by_gfn_[i];

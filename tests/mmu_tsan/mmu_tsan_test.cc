@@ -50,9 +50,12 @@ TEST(MmuTsan, Invariant16_17_18_23_PtePrefetchRacesInvalidationsMovesDeletes) {
   p.nr_vcpus = 2;
   p.pages_per_slot = 64;
   p.pte_prefetch = true;
-  // Only the non-logging slot prefetches, and only while no invalidation is in progress, so a
-  // slow run (sanitizers, a loaded machine) may end before the first prefetch: run again (each
-  // run checks every invariant itself) until one happened, at most five times.
+  // Only the non-logging slot prefetches, and only while no invalidation is in progress: with
+  // the invalidating thread never pausing, a 2-core machine under TSan can go a whole run
+  // without such a window (CI did, five runs in a row). A 50 us gap between invalidations
+  // leaves windows while keeping thousands of invalidations per run; a run that still ends
+  // before the first prefetch is repeated (each checks every invariant itself), at most five.
+  p.invalidation_gap_us = 50;
   StressResult total;
   for (int run = 0; run < 5 && total.pte_prefetches == 0; ++run) {
     StressResult r = StressScenario(p).run();

@@ -28,6 +28,9 @@ struct StressParams {
   uint64_t pages_per_slot = 64;
   bool pte_prefetch = false;  // MmuOptions::pte_prefetch (maps present neighbours on faults)
   bool guest_mode = false;    // vCPUs access through a Vcpu::GuestMode held for the whole run
+  // Pause of the invalidating thread between two invalidations. 0 keeps one in progress most of
+  // the time on a 2-core machine; the PTE prefetch needs windows without any.
+  unsigned invalidation_gap_us = 0;
 };
 
 struct StressResult {
@@ -118,6 +121,9 @@ class StressScenario {
                               : host_.write_protect(h, n * kPageSize).ok();
         EXPECT_TRUE(ok);
         ++res.invalidations;
+        if (p_.invalidation_gap_us != 0) {
+          std::this_thread::sleep_for(std::chrono::microseconds(p_.invalidation_gap_us));
+        }
       }
     });
     threads.emplace_back([&] {  // memslot moves and deletes

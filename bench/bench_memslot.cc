@@ -217,6 +217,18 @@ void BM_ReadLock(benchmark::State& state) {
   }
 }
 
+// The same with MemslotsConfig::membarrier = false (a process whose seccomp filter will deny
+// membarrier): the lock count is a seq_cst read-modify-write.
+void BM_ReadLock_NoMembarrier(benchmark::State& state) {
+  MemslotsConfig config;
+  config.membarrier = false;
+  Memslots slots(config);
+  for (auto _ : state) {
+    auto lock = slots.read_lock();
+    benchmark::DoNotOptimize(lock);
+  }
+}
+
 // The whole reader path of a vCPU fault: read section + per-vCPU lookup (cache hit).
 void BM_ReadLockAndVcpuLookup(benchmark::State& state) {
   Layout& l = layout(static_cast<uint32_t>(state.range(0)));
@@ -336,6 +348,7 @@ BENCHMARK(BM_Floor_CachedRangeTest)->Apply(sizes);
 BENCHMARK(BM_GfnToMemslot_CacheHit)->Apply(sizes);
 BENCHMARK(BM_VcpuGfnToMemslot_Hit)->Apply(sizes);
 BENCHMARK(BM_ReadLock)->Arg(16);
+BENCHMARK(BM_ReadLock_NoMembarrier);
 BENCHMARK(BM_ReadLockAndVcpuLookup)->Apply(sizes);
 BENCHMARK(BM_Create)->Apply(sizes)->UseManualTime();
 BENCHMARK(BM_Delete)->Apply(sizes)->UseManualTime();

@@ -83,6 +83,11 @@ struct MemslotsConfig {
   // MMU's physical-address width; 2^40 - 1 with the shadow MMU). Checked after the overlap
   // check, as the kernel's arch prepare hook does. kvm::System::memslots_config() probes it.
   uint64_t max_gfn = ~uint64_t{0};
+  // Read sections without fences, paid for by a membarrier(2) per update where the kernel has
+  // it (src/memslot/srcu.h). Once chosen there is no safe way back: a process that denies
+  // membarrier later (a seccomp filter installed after this Memslots) aborts at its next
+  // update. Such a process sets false: sections then cost one locked add (about 3x).
+  bool membarrier = true;
 };
 
 // Called by Memslots while it holds its slots lock (KVM's arch hooks). Pointers passed in are
@@ -236,6 +241,12 @@ class Memslots;
 // An SRCU read-side section: the sets it hands out stay alive (and unchanged) until it ends.
 // Cheap: an increment and a decrement of a counter of the calling thread, with no fence where
 // the kernel has membarrier (src/memslot/srcu.h). Never blocks.
+// A section may be moved to another thread and end there (like srcu_down_read/srcu_up_read).
+// set_memory_region knows only the sections its thread opened: one opened elsewhere and held
+// here is not seen, and a call from the thread holding it waits for itself forever.
+// Not async-signal-safe: do not open or end a section in a signal handler. A fork()ed child
+// must not update the parent's Memslots: a section open in another parent thread at the fork
+// never ends in the child.
 class [[nodiscard]] MemslotsReadLock {
  public:
   MemslotsReadLock(MemslotsReadLock&& other) noexcept;
@@ -250,9 +261,11 @@ class [[nodiscard]] MemslotsReadLock {
 
  private:
   friend class Memslots;
-  MemslotsReadLock(const Memslots* owner, unsigned idx) : owner_(owner), idx_(idx) {}
+  MemslotsReadLock(const Memslots* owner, unsigned idx, uint64_t opener)
+      : owner_(owner), idx_(idx), opener_(opener) {}
   const Memslots* owner_;  // nullptr once moved from
   unsigned idx_;           // SRCU token (the epoch)
+  uint64_t opener_;        // serial of the thread that opened the section (for EDEADLK)
 };
 
 namespace detail {
@@ -276,8 +289,8 @@ class Memslots {
   // DELETE and MOVE first publish the old slot marked INVALID and call flush_shadow_memslot.
   // Every swap waits until no MMU-notifier invalidation is active (mn_invalidate_begin/end),
   // then until every reader of the old set has left. Writers serialise; a call from a listener
-  // or from a thread inside a read section (of any Memslots) returns EDEADLK instead of
-  // deadlocking. A thread inside its own mn_invalidate_begin/end window must not call it.
+  // or from a thread inside a read section it opened (of any Memslots) returns EDEADLK instead
+  // of deadlocking. A thread inside its own mn_invalidate_begin/end window must not call it.
   Result<std::optional<MemslotChange>> set_memory_region(const UserspaceMemoryRegion& region,
                                                          RegionIoctl ioctl = RegionIoctl::kV1);
 

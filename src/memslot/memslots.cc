@@ -12,6 +12,7 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 
 #include "memslot_set_impl.h"
@@ -60,12 +61,68 @@ int guest_memfd_file_errno(uint32_t fd) {
   return std::string_view(target, static_cast<size_t>(n)) == "anon_inode:[kvm-gmem]" ? 0 : EINVAL;
 }
 
-// Read sections this thread is inside (any Memslots): entered - left. A writer inside one
-// would wait for itself in synchronize(), so set_memory_region refuses with EDEADLK. Two
-// counters that only grow, not one depth: back-to-back sections then do not chain through one
-// memory location (an ++ waiting on the previous --), which was 40% of an empty section.
-thread_local long t_read_entered = 0;
-thread_local long t_read_left = 0;
+// The calling thread's read sections (any Memslots), for set_memory_region's EDEADLK: a writer
+// inside one would wait for itself in synchronize(). Two counts that only grow and only their
+// thread writes, not one depth: back-to-back sections then do not chain through one memory
+// location (an ++ waiting on the previous --), which was 40% of an empty section.
+struct ReaderThread {
+  long entered = 0;     // sections this thread opened
+  long left = 0;        // of those, the ones that ended on this thread
+  uint64_t serial = 0;  // process-unique, never reused; 0 before the thread's first section
+};
+thread_local ReaderThread t_reader;
+
+// A section may end on another thread (the lock is movable; SRCU allows it). Such an end is
+// counted here under its opener's serial, never in the ending thread's counts, so the opener
+// is not refused forever and the ender's own later sections are still seen. Entries exist
+// for live threads only: a thread's exit erases its own, and an end after the opener exited
+// has nothing left to correct.
+struct HandOvers {
+  std::mutex mu;
+  std::unordered_map<uint64_t, long> ended_elsewhere;  // opener serial -> sections
+  uint64_t next_serial = 1;
+};
+HandOvers& hand_overs() {
+  static auto* h = new HandOvers;  // never destroyed: threads may exit after static teardown
+  return *h;
+}
+
+struct ReaderExit {
+  ~ReaderExit() {
+    HandOvers& h = hand_overs();
+    std::lock_guard g(h.mu);
+    h.ended_elsewhere.erase(t_reader.serial);
+  }
+};
+
+[[gnu::noinline, gnu::cold]] uint64_t assign_reader_serial() {
+  HandOvers& h = hand_overs();
+  {
+    std::lock_guard g(h.mu);
+    t_reader.serial = h.next_serial++;
+    h.ended_elsewhere.emplace(t_reader.serial, 0);
+  }
+  static thread_local ReaderExit exit_hook;  // registered now, on the thread's first section
+  (void)exit_hook;
+  return t_reader.serial;
+}
+
+[[gnu::noinline, gnu::cold]] void section_ended_elsewhere(uint64_t opener) {
+  HandOvers& h = hand_overs();
+  std::lock_guard g(h.mu);
+  auto it = h.ended_elsewhere.find(opener);
+  if (it != h.ended_elsewhere.end()) ++it->second;
+}
+
+// Sections the calling thread opened that have not ended (on any thread).
+long open_read_sections() {
+  long open = t_reader.entered - t_reader.left;
+  if (open <= 0) return open;
+  HandOvers& h = hand_overs();
+  std::lock_guard g(h.mu);
+  auto it = h.ended_elsewhere.find(t_reader.serial);
+  return it == h.ended_elsewhere.end() ? open : open - it->second;
+}
 
 std::string hex(uint64_t v) {
   char buf[24];
@@ -82,7 +139,9 @@ MemslotsConfig clamp(MemslotsConfig c) {
 }  // namespace
 
 struct Memslots::Impl {
-  explicit Impl(const MemslotsConfig& c) : config(c) {
+  explicit Impl(const MemslotsConfig& c)
+      : config(c),
+        srcu(c.membarrier ? detail::Srcu::Mode::kAuto : detail::Srcu::Mode::kSeqCst) {
     for (unsigned as = 0; as < config.nr_address_spaces; ++as) {
       // Spec 7.3: address space i starts at generation i.
       active[as].store(MemslotSet::Impl::empty(as, config.nr_user_slots, as).release());
@@ -145,6 +204,10 @@ void MemslotsTestPeer::fail_set_allocations(unsigned count) {
   MemslotSet::Impl::fail_next_builds(count);
 }
 
+bool MemslotsTestPeer::uses_membarrier(const Memslots& slots) {
+  return slots.impl_->srcu.uses_membarrier();
+}
+
 }  // namespace detail
 
 Memslots::Memslots(MemslotsConfig config)
@@ -197,17 +260,23 @@ long Memslots::mn_active_invalidate_count() const { return impl_->mn_count.load(
 
 MemslotsReadLock Memslots::read_lock() const {
   const unsigned token = impl_->srcu.read_lock();
-  ++t_read_entered;
-  return MemslotsReadLock(this, token);
+  uint64_t serial = t_reader.serial;
+  if (serial == 0) [[unlikely]] serial = assign_reader_serial();
+  ++t_reader.entered;
+  return MemslotsReadLock(this, token, serial);
 }
 
 MemslotsReadLock::MemslotsReadLock(MemslotsReadLock&& other) noexcept
-    : owner_(std::exchange(other.owner_, nullptr)), idx_(other.idx_) {}
+    : owner_(std::exchange(other.owner_, nullptr)), idx_(other.idx_), opener_(other.opener_) {}
 
 MemslotsReadLock::~MemslotsReadLock() {
   if (!owner_) return;
   owner_->impl_->srcu.read_unlock(idx_);
-  ++t_read_left;
+  if (opener_ == t_reader.serial) [[likely]] {
+    ++t_reader.left;
+  } else {
+    section_ended_elsewhere(opener_);
+  }
 }
 
 const MemslotSet& MemslotsReadLock::set(unsigned as_id) const {
@@ -470,7 +539,7 @@ Result<std::optional<MemslotChange>> Memslots::set_memory_region(
   if (impl_->writer.load() == std::this_thread::get_id()) {
     return make_error(EDEADLK, "set_memory_region called from a MemslotListener callback");
   }
-  if (t_read_entered > t_read_left) {
+  if (open_read_sections() > 0) {
     return make_error(EDEADLK, "set_memory_region called inside a memslots read section "
                       "(its swap would wait for this thread)");
   }

@@ -65,7 +65,10 @@ void membarrier_all_threads() {
   }
   if (sys_membarrier(MEMBARRIER_CMD_GLOBAL) == 0) return;
   // Readers of this Srcu run without fences, so there is no safe way on.
-  std::fprintf(stderr, "gfnmap: membarrier failed (errno %d) after a successful probe\n", errno);
+  std::fprintf(stderr,
+               "gfnmap: membarrier failed (errno %d) after a successful probe (a seccomp filter "
+               "installed since?); a process that denies membarrier must create its Memslots "
+               "with MemslotsConfig::membarrier = false\n", errno);
   std::abort();
 }
 

@@ -17,6 +17,8 @@ struct MemslotsTestPeer {
   static void bulk_insert(Memslots& slots, unsigned as_id, std::span<const Memslot> add);
   // Makes the next `count` set builds on this thread throw std::bad_alloc (ENOMEM row).
   static void fail_set_allocations(unsigned count);
+  // Whether the read sections of `slots` run the membarrier protocol (src/memslot/srcu.h).
+  static bool uses_membarrier(const Memslots& slots);
 };
 
 }  // namespace gfnmap::detail

@@ -2,6 +2,14 @@
 // its errno, their order, the change kinds, address spaces and slot limits (invariant 21).
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <optional>
+#include <thread>
+
+#include "memslot/srcu.h"
 #include "memslot/test_peer.h"
 #include "memslot/memslot_test_util.h"
 
@@ -486,6 +494,63 @@ TEST(MemslotChecks, SetMemoryRegionInsideReadSection_EDEADLK) {
   auto lock = slots.read_lock();
   EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 0, kMiB)), EDEADLK,
                        "inside a memslots read section");
+}
+
+// A section may end on another thread (SRCU allows it, the lock is movable). The end counts
+// for the thread that opened it: that thread may update again, and the thread it ended on
+// is still refused inside a section of its own.
+TEST(MemslotChecks, SectionEndedOnAnotherThread_OpenerMayUpdateAgain) {
+  Memslots slots;
+  std::optional<MemslotsReadLock> lock(slots.read_lock());
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 0, kMiB)), EDEADLK,
+                       "inside a memslots read section");
+  std::thread([&] { lock.reset(); }).join();
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, kMiB)), MemslotChange::kCreate);
+}
+
+TEST(MemslotChecks, SectionEndedOnAnotherThread_EnderIsStillRefusedInsideItsOwn) {
+  Memslots slots;
+  std::optional<MemslotsReadLock> handed;
+  std::thread([&] { handed.emplace(slots.read_lock()); }).join();  // the opener has exited
+  // On a thread of its own, so that a wrong answer (going on to wait for its own section)
+  // fails the test instead of hanging it.
+  std::packaged_task<int()> task([&] {
+    handed.reset();
+    auto own = slots.read_lock();
+    return slots.set_memory_region(region(0, 0, kMiB)).code();
+  });
+  auto result = task.get_future();
+  std::thread ender(std::move(task));
+  if (result.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+    std::fprintf(stderr, "set_memory_region waited for its own thread's read section\n");
+    std::_Exit(1);
+  }
+  ender.join();
+  EXPECT_EQ(result.get(), EDEADLK);
+  // And threads that never held a section update freely, the late end notwithstanding.
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, kMiB)), MemslotChange::kCreate);
+  std::thread([&] {
+    ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, 0)), MemslotChange::kDelete);
+  }).join();
+}
+
+// MemslotsConfig::membarrier = false (a process whose seccomp filter will deny membarrier):
+// the seq_cst protocol, with the same behaviour.
+TEST(MemslotChecks, MembarrierOff_SeqCstReadSectionsBehaveTheSame) {
+  MemslotsConfig config;
+  config.membarrier = false;
+  Memslots slots(config);
+  EXPECT_FALSE(detail::MemslotsTestPeer::uses_membarrier(slots));
+  EXPECT_EQ(detail::MemslotsTestPeer::uses_membarrier(Memslots()),
+            detail::Srcu::membarrier_available());
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, kMiB)), MemslotChange::kCreate);
+  {
+    auto lock = slots.read_lock();
+    EXPECT_NE(lock.set().gfn_to_memslot(Gfn(0)), nullptr);
+    EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 0, 0)), EDEADLK,
+                         "inside a memslots read section");
+  }
+  ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, 0)), MemslotChange::kDelete);
 }
 
 // Row 20, the arch prepare hook as the kernel applies it: x86 refuses CREATE and MOVE past kvm_mmu_max_gfn() with

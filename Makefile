@@ -14,8 +14,10 @@ build: deps
 	@cmake --preset release >/dev/null
 	@cmake --build --preset release -j $(JOBS)
 
-# The main job on its default workload.
-run: build
+# The main job on its default workload: builds only the CLI it runs.
+run: deps
+	@cmake --preset release >/dev/null
+	@cmake --build --preset release -j $(JOBS) --target gfnmap_cli
 	$(GFNMAP) run
 
 test: test-release test-asan test-tsan

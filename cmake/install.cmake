@@ -4,6 +4,8 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 install(DIRECTORY include/gfnmap DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_BINARY_DIR}/include/gfnmap/version.h
+  DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/gfnmap)
 install(TARGETS gfnmap EXPORT gfnmapTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
@@ -16,6 +18,10 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/gfnmapConfigVersion.cmake
   COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/gfnmapConfig.cmake ${PROJECT_BINARY_DIR}/gfnmapConfigVersion.cmake
   DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/gfnmap)
+# Relocatable: the prefix is found from the .pc file's own place (${pcfiledir}), so a tree
+# installed with any --prefix, or moved, still resolves. C++ consumers add -std=c++20; C ones
+# use gfnmap/gfnmap.h (Libs links the C++ runtime the library needs).
+file(RELATIVE_PATH gfnmap_pc_up /p/${CMAKE_INSTALL_LIBDIR}/pkgconfig /p)
 file(WRITE ${PROJECT_BINARY_DIR}/gfnmap.pc
-  "prefix=${CMAKE_INSTALL_PREFIX}\nlibdir=\${prefix}/${CMAKE_INSTALL_LIBDIR}\nincludedir=\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}\n\nName: gfnmap\nDescription: KVM's guest-memory fault-in path in user space\nVersion: ${PROJECT_VERSION}\nCflags: -I\${includedir} -std=c++20\nLibs: -L\${libdir} -lgfnmap -pthread\n")
+  "prefix=\${pcfiledir}/${gfnmap_pc_up}\nlibdir=\${prefix}/${CMAKE_INSTALL_LIBDIR}\nincludedir=\${prefix}/${CMAKE_INSTALL_INCLUDEDIR}\n\nName: gfnmap\nDescription: KVM's guest-memory fault-in path in user space\nVersion: ${PROJECT_VERSION}\nCflags: -I\${includedir}\nLibs: -L\${libdir} -lgfnmap -lstdc++ -lm -pthread\n")
 install(FILES ${PROJECT_BINARY_DIR}/gfnmap.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "gfnmap/version.h"
 #include "verb.h"
 
 namespace gfnmap::cli {
@@ -17,7 +18,7 @@ int main(int argc, char** argv) {
       "gfnmap: KVM's guest-memory fault-in path (memslots, follow_pfn, the MMU) in user space.\n"
       "Run 'gfnmap VERB --help' for a verb's options."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "gfnmap " GFNMAP_VERSION);
+  app.set_version_flag("--version", "gfnmap " GFNMAP_VERSION_STRING);
   std::function<int()> action;
   for (auto& verb : gfnmap::cli::verbs()) {
     CLI::App* cmd = app.add_subcommand(verb.name, verb.summary);

@@ -2,6 +2,7 @@
 // tests depend on (the zero page, THP, hugetlb, userfaultfd, pagemap, /dev/kvm).
 #include <cstdio>
 
+#include "gfnmap/version.h"
 #include "gfnmap/host_facts.h"
 #include "host_facts_json.h"
 #include "verb.h"
@@ -29,7 +30,7 @@ GFNMAP_VERB("info", "print the build and the probed facts of this host",
                 const gfnmap::HostFacts& facts = gfnmap::host_facts();
                 if (json) {
                   nlohmann::json j;
-                  j["version"] = GFNMAP_VERSION;
+                  j["version"] = GFNMAP_VERSION_STRING;
                   j["hosts"] = {{"model", true},
                                 {"real_memory", true},
                                 {"kvm", facts.kvm_available()},
@@ -38,7 +39,7 @@ GFNMAP_VERB("info", "print the build and the probed facts of this host",
                   std::printf("%s\n", j.dump(2).c_str());
                   return 0;
                 }
-                std::printf("gfnmap %s\n", GFNMAP_VERSION);
+                std::printf("gfnmap %s\n", GFNMAP_VERSION_STRING);
                 std::printf("hosts:        model yes, real memory yes, kvm %s\n",
                             facts.kvm_available() ? "yes" : "no");
                 std::printf("%s", gfnmap::cli::host_facts_text(facts, "").c_str());

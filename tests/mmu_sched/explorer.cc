@@ -13,9 +13,11 @@ namespace {
 
 constexpr int kScheduler = -1;
 
-// One schedule. Invariant: exactly one of the scheduler thread and the actor threads runs at a
-// time. Every hand-over releases the next thread's semaphore and then waits on the caller's own
-// (a release/acquire pair), so what one wrote happens before what the next reads.
+// One schedule. Invariant: exactly one thread (an actor, or the test's thread before the first
+// step and after the last) holds the baton and runs. The holder decides who runs next: itself
+// (no switch at all) or another actor, whose semaphore it releases before waiting on its own
+// (a release/acquire pair, so what one wrote happens before what the next reads). The checks
+// after each step run on the thread that holds the baton, while every other actor is parked.
 class Baton final : public gfnmap::sched::Hooks {
  public:
   explicit Baton(Scenario& sc) : sc_(sc), names_(sc.actor_names()), actors_(names_.size()) {
@@ -32,63 +34,23 @@ class Baton final : public gfnmap::sched::Hooks {
                                        std::vector<Step>* steps, bool* bounded,
                                        std::unordered_set<std::string>* visited,
                                        uint64_t* pruned) {
+    prefix_ = &prefix;
+    max_depth_ = max_depth;
+    steps_ = steps;
+    visited_ = visited;
+    pruned_ = pruned;
     std::vector<std::thread> threads;
     for (size_t i = 0; i < actors_.size(); ++i) {
       threads.emplace_back([this, i] { actor_main(static_cast<int>(i)); });
     }
-    std::vector<std::pair<int, int>> choices;
-    *bounded = false;
-    bool branching = true;
-    for (;;) {
-      std::vector<int> runnable;
-      bool all_done = true;
-      for (size_t i = 0; i < actors_.size(); ++i) {
-        A& a = actors_[i];
-        if (a.done) continue;
-        all_done = false;
-        if (a.ready == nullptr || (*a.ready)()) runnable.push_back(static_cast<int>(i));
-      }
-      if (all_done) break;
-      if (runnable.empty()) deadlock(*steps);
-      int pick = 0;
-      if (runnable.size() > 1 && branching) {
-        if (choices.size() < prefix.size()) {
-          pick = prefix[choices.size()];
-          if (pick >= static_cast<int>(runnable.size())) {
-            std::fprintf(stderr, "mmu_sched: the schedule is not deterministic (choice %zu)\n",
-                         choices.size());
-            std::abort();
-          }
-        } else if (visited != nullptr && !visited->insert(key()).second) {
-          ++*pruned;
-          branching = false;
-        }
-        if (branching) {
-          if (choices.size() < max_depth) {
-            choices.emplace_back(pick, static_cast<int>(runnable.size()));
-          } else {
-            *bounded = true;
-            branching = false;
-          }
-        }
-      }
-      const int who = runnable[static_cast<size_t>(pick)];
-      Step s;
-      s.actor = who;
-      s.from = actors_[static_cast<size_t>(who)].at;
-      sems_[static_cast<size_t>(who)]->release();
-      sched_sem_.acquire();
-      const A& a = actors_[static_cast<size_t>(who)];
-      s.to = a.at;
-      s.a = a.a;
-      s.b = a.b;
-      s.blocked = a.ready != nullptr;
-      s.done = a.done;
-      steps->push_back(s);
-      sc_.after_step(s, steps->size() - 1);
+    const int first = decide();
+    if (first >= 0) {
+      sems_[static_cast<size_t>(first)]->release();
+      main_sem_.acquire();
     }
     for (auto& t : threads) t.join();
-    return choices;
+    *bounded = bounded_;
+    return choices_;
   }
 
   void yield(const char* point, uint64_t a, uint64_t b) override {
@@ -97,7 +59,7 @@ class Baton final : public gfnmap::sched::Hooks {
     me.at = point;
     me.a = a;
     me.b = b;
-    hand_back(self);
+    switch_from(self);
   }
 
   // Parks while ready() is false; the scheduler resumes it only once ready() holds, and nothing
@@ -110,7 +72,7 @@ class Baton final : public gfnmap::sched::Hooks {
       me.at = point;
       me.a = me.b = 0;
       me.ready = &ready;
-      hand_back(self);
+      switch_from(self);
       me.ready = nullptr;
     }
   }
@@ -123,6 +85,99 @@ class Baton final : public gfnmap::sched::Hooks {
     const FunctionRef<bool()>* ready = nullptr;  // set while blocked
   };
 
+  // Ends the running step (its checks), then picks the next actor: -1 when all are done.
+  int decide() {
+    if (cur_ >= 0) {
+      const A& a = actors_[static_cast<size_t>(cur_)];
+      Step s;
+      s.actor = cur_;
+      s.from = cur_from_;
+      s.to = a.at;
+      s.a = a.a;
+      s.b = a.b;
+      s.blocked = a.ready != nullptr;
+      s.done = a.done;
+      steps_->push_back(s);
+      sc_.after_step(s, steps_->size() - 1);
+    }
+    std::vector<int> runnable;
+    bool all_done = true;
+    for (size_t i = 0; i < actors_.size(); ++i) {
+      A& a = actors_[i];
+      if (a.done) continue;
+      all_done = false;
+      if (a.ready == nullptr || (*a.ready)()) runnable.push_back(static_cast<int>(i));
+    }
+    if (all_done) return -1;
+    if (runnable.empty()) deadlock();
+    int pick = 0;
+    if (runnable.size() > 1 && branching_) {
+      if (choices_.size() < prefix_->size()) {
+        pick = (*prefix_)[choices_.size()];
+        if (pick >= static_cast<int>(runnable.size())) {
+          std::fprintf(stderr, "mmu_sched: the schedule is not deterministic (choice %zu)\n",
+                       choices_.size());
+          std::abort();
+        }
+      } else if (visited_ != nullptr && !visited_->insert(key()).second) {
+        ++*pruned_;
+        branching_ = false;
+      }
+      if (branching_) {
+        if (choices_.size() < max_depth_) {
+          choices_.emplace_back(pick, static_cast<int>(runnable.size()));
+        } else {
+          bounded_ = true;
+          branching_ = false;
+        }
+      }
+    }
+    cur_ = runnable[static_cast<size_t>(pick)];
+    cur_from_ = actors_[static_cast<size_t>(cur_)].at;
+    return cur_;
+  }
+
+  // The scheduler's work on an actor's thread runs without hooks (its checks take the MMU lock).
+  int decide_here() {
+    gfnmap::sched::t_hooks = nullptr;
+    const int next = decide();
+    gfnmap::sched::t_hooks = this;
+    return next;
+  }
+
+  void switch_from(int self) {
+    const int next = decide_here();
+    if (next == self) return;
+    sems_[static_cast<size_t>(next)]->release();
+    sems_[static_cast<size_t>(self)]->acquire();
+  }
+
+  void actor_main(int i) {
+    t_self = i;
+    sems_[static_cast<size_t>(i)]->acquire();
+    gfnmap::sched::t_hooks = this;
+    sc_.run_actor(i);
+    actors_[static_cast<size_t>(i)].at = "end";
+    actors_[static_cast<size_t>(i)].done = true;
+    const int next = decide_here();
+    gfnmap::sched::t_hooks = nullptr;
+    if (next >= 0) {
+      sems_[static_cast<size_t>(next)]->release();
+    } else {
+      main_sem_.release();
+    }
+  }
+
+  [[noreturn]] void deadlock() {
+    std::fprintf(stderr, "mmu_sched: deadlock, every live actor is blocked:\n");
+    for (size_t i = 0; i < actors_.size(); ++i) {
+      std::fprintf(stderr, "  %s at %s%s\n", names_[i].c_str(), actors_[i].at.c_str(),
+                   actors_[i].done ? " (done)" : "");
+    }
+    std::fprintf(stderr, "after %zu steps\n", steps_->size());
+    std::abort();
+  }
+
   // The state at a choice point: every actor's position and payload, then the scenario's key.
   std::string key() {
     std::string k;
@@ -134,39 +189,24 @@ class Baton final : public gfnmap::sched::Hooks {
     return k + "|" + sc_.state_key();
   }
 
-  void hand_back(int self) {
-    sched_sem_.release();
-    sems_[static_cast<size_t>(self)]->acquire();
-  }
-
-  void actor_main(int i) {
-    t_self = i;
-    gfnmap::sched::t_hooks = this;
-    sems_[static_cast<size_t>(i)]->acquire();
-    sc_.run_actor(i);
-    gfnmap::sched::t_hooks = nullptr;
-    actors_[static_cast<size_t>(i)].at = "end";
-    actors_[static_cast<size_t>(i)].done = true;
-    sched_sem_.release();
-  }
-
-  [[noreturn]] void deadlock(const std::vector<Step>& steps) {
-    std::fprintf(stderr, "mmu_sched: deadlock, every live actor is blocked:\n");
-    for (size_t i = 0; i < actors_.size(); ++i) {
-      std::fprintf(stderr, "  %s at %s%s\n", names_[i].c_str(), actors_[i].at.c_str(),
-                   actors_[i].done ? " (done)" : "");
-    }
-    std::fprintf(stderr, "after %zu steps\n", steps.size());
-    std::abort();
-  }
-
   static thread_local int t_self;
 
   Scenario& sc_;
   std::vector<std::string> names_;
   std::vector<A> actors_;
   std::vector<std::unique_ptr<std::binary_semaphore>> sems_;
-  std::binary_semaphore sched_sem_{0};
+  std::binary_semaphore main_sem_{0};
+  // The schedule being run (set by run, used by whoever holds the baton).
+  const std::vector<int>* prefix_ = nullptr;
+  size_t max_depth_ = 0;
+  std::vector<Step>* steps_ = nullptr;
+  std::unordered_set<std::string>* visited_ = nullptr;
+  uint64_t* pruned_ = nullptr;
+  std::vector<std::pair<int, int>> choices_;
+  bool bounded_ = false;
+  bool branching_ = true;
+  int cur_ = kScheduler;  // the actor of the running step
+  std::string cur_from_;
 };
 
 thread_local int Baton::t_self = kScheduler;

@@ -201,6 +201,7 @@ class World final : public Scenario {
       invs_[ai].ended = true;
       invs_[ai].end_seq = seq;
     }
+    next_step_ = index + 1;
     if (s.done) {
       r.done_step = static_cast<long>(index);
       done_order_.push_back(ai);
@@ -417,12 +418,13 @@ class World final : public Scenario {
   // No stale translation: the access that just succeeded (nothing else ran since) went through
   // a leaf that maps what the published slot's hva maps now.
   void check_translation(int i, uint64_t g) {
-    const std::string who =
-        std::string(to_string(cfg_.actors[static_cast<size_t>(i)].kind)) + std::to_string(i);
+    const std::string who = "step " + std::to_string(next_step_ + 1) + ": " +
+                            to_string(cfg_.actors[static_cast<size_t>(i)].kind) +
+                            std::to_string(i);
     MemslotsReadLock rl = slots_.read_lock();
     const Memslot* s = rl.set(0).search_memslots(Gfn(g));
     if (s == nullptr) {
-      add_violation("stale translation: " + who + "'s access to gfn " + hex(g) +
+      add_violation(who + ": stale translation, the access to gfn " + hex(g) +
                     " succeeded, but no published slot maps that gfn (generation " +
                     hex(rl.set(0).generation()) + ")");
       return;
@@ -431,7 +433,7 @@ class World final : public Scenario {
     const Mmu::Leaf l = mmu_->lookup(0, Gfn(g));
     const PteInfo p = host_.pte(h);
     if (l.spte != 0 && (p.state != PteInfo::State::kPresent || p.pfn != l.pfn)) {
-      add_violation("stale translation: " + who + " accessed gfn " + hex(g) + " through pfn " +
+      add_violation(who + ": stale translation, the access to gfn " + hex(g) + " went through pfn " +
                     hex(l.pfn.value) + ", but its hva maps " +
                     (p.state == PteInfo::State::kPresent ? hex(p.pfn.value) : "nothing"));
     }
@@ -451,6 +453,7 @@ class World final : public Scenario {
   std::map<uint64_t, Mmu::Leaf> leaves_;
   std::map<uint64_t, Install> installs_;
   std::vector<size_t> done_order_;
+  size_t next_step_ = 0;  // index of the step running now
 };
 
 }  // namespace

@@ -81,6 +81,11 @@ TEST(MmuSched, Invariant16_MappedReadVsDiscard) {
 }
 
 TEST(MmuSched, Invariant16_TwoFaultsVsDiscard) {
+#if defined(__SANITIZE_ADDRESS__)
+  // 6,001 schedules: ~4 s in the release suite, most of a minute under ASan; the same code
+  // paths run under ASan in every other configuration here.
+  GTEST_SKIP() << "the largest configuration runs in the release suite only";
+#endif
   WorldConfig c;
   c.npages = 2;
   c.actors = {{K::kVcpuWrite, 0}, {K::kVcpuRead, 1}, {K::kDiscard, 0, 2}};

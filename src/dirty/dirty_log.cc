@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gfnmap/dirty.h"
+#include "sched/sched_hooks.h"
 
 namespace gfnmap {
 
@@ -348,6 +349,7 @@ Result<uint64_t> DirtyLog::get_dirty_log(uint32_t slot, std::span<uint64_t> out)
       continue;
     }
     const uint64_t mask = bitmap->words[i].exchange(0, std::memory_order_acq_rel);
+    GFNMAP_YIELD2("dirty.harvest.cleared", i, mask);
     out[i] = mask;
     dirty += static_cast<uint64_t>(std::popcount(mask));
     batch.protect(*memslot, memslot->base_gfn + i * 64, mask);

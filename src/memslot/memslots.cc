@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "memslot_set_impl.h"
+#include "sched/sched_hooks.h"
 #include "srcu.h"
 #include "test_peer.h"
 
@@ -298,11 +299,13 @@ Memslots::Impl::SetPtr Memslots::Impl::swap_active(unsigned as_id, SetPtr next) 
   MemslotSet* cur = active[as_id].load(std::memory_order_relaxed);  // only writers store it
   const uint64_t gen = cur->generation();
   MemslotSet::Impl::set_generation(*next, gen | kMemslotGenUpdateInProgress);
+  GFNMAP_BLOCK_UNTIL("swap.wait_invalidations", [this] { return mn_count.load() == 0; });
   {
     std::unique_lock lk(mn_lock);
     mn_cv.wait(lk, [this] { return mn_count.load() == 0; });
     active[as_id].store(next.release(), std::memory_order_seq_cst);  // W of srcu.cc
   }
+  GFNMAP_YIELD2("swap.published", as_id, gen);
   srcu.synchronize();
   const uint64_t new_gen = gen + config.nr_address_spaces;
   for (MemslotListener* l : listeners) l->memslots_updated(as_id, new_gen);
@@ -349,11 +352,14 @@ Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>
   // resolver reports NOSLOT), and listeners zap every mapping of the slot. The pre-change set
   // is kept: on a prepare failure it is published again.
   SetPtr saved;
-  if (invalidate) {
+  // Seeded bug (checker builds only): the final set is published before the zap.
+  const bool swap_first = GFNMAP_SEEDED_BUG(kSwapBeforeZap);
+  if (invalidate && !swap_first) {
     saved = swap_active(as_id, std::move(invalid_set));
     const MemslotSet& published = *active[as_id].load(std::memory_order_relaxed);
     const Memslot* invalid = published.id_to_memslot(old->id);
     for (MemslotListener* l : listeners) l->flush_shadow_memslot(*invalid);
+    GFNMAP_YIELD2("memslot.zapped", old->id, 0);
   }
 
   const Memslot* old_ptr = old ? &*old : nullptr;
@@ -373,6 +379,11 @@ Memslots::Impl::Outcome Memslots::Impl::set_memslot(const std::optional<Memslot>
   // The sets swapped out (the old one, or the INVALID copy and the old one) have no readers.
   give_spare(swap_active(as_id, std::move(final_set)));
   give_spare(std::move(saved));
+  if (invalidate && swap_first) {
+    for (MemslotListener* l : listeners) l->flush_shadow_memslot(*old);
+    GFNMAP_YIELD2("memslot.zapped", old->id, 0);
+  }
+  give_spare(std::move(invalid_set));
 
   // kvm_commit_memory_region: page total first, then the arch hook.
   if (change == MemslotChange::kDelete) nr_memslot_pages.fetch_sub(old->npages);
@@ -543,6 +554,7 @@ Result<std::optional<MemslotChange>> Memslots::set_memory_region(
     return make_error(EDEADLK, "set_memory_region called inside a memslots read section "
                       "(its swap would wait for this thread)");
   }
+  GFNMAP_BLOCK_UNTIL("slots_lock", [this] { return impl_->writer.load() == std::thread::id{}; });
   std::lock_guard lk(impl_->slots_lock);
   impl_->writer.store(std::this_thread::get_id());
   struct ClearWriter {

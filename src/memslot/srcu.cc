@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <thread>
 
+#include "sched/sched_hooks.h"
+
 namespace gfnmap::detail {
 namespace {
 
@@ -199,6 +201,8 @@ void Srcu::synchronize() {
     epoch_.store(old_epoch ^ 1, std::memory_order_seq_cst);
     unsigned spins = 0;
     while (active_readers(old_epoch) != 0) {
+      GFNMAP_BLOCK_UNTIL(phase == 0 ? "srcu.synchronize.0" : "srcu.synchronize.1",
+                         [&] { return active_readers(old_epoch) == 0; });
       // Read sections are short: spin briefly, then yield, then sleep.
       if (++spins < 64) continue;
       if (spins < 256) {

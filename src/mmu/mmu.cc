@@ -533,6 +533,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
 
   // 1. Snapshot the invalidation sequence before anything is resolved (spec 8.3 step 1).
   const uint64_t mmu_seq = invalidate_seq_.load(std::memory_order_acquire);
+  GFNMAP_YIELD2("pf.snapshot", mmu_seq, gfn.value);
 
   MemslotsReadLock rl = slots_.read_lock();
   const MemslotSet& set = rl.set(vcpu.as_id());
@@ -586,11 +587,12 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
     Impl::inc(im.c.exits);
     return FaultResult::kExit;
   }
+  GFNMAP_YIELD2("pf.faultin", pfn.value, writable);
   if (options_.after_faultin_hook) options_.after_faultin_hook(gfn);
 
   // 3. Under the lock: the retry check, then install, then release (spec 8.3 steps 4-5).
   im.lock_mmu();
-  if (im.retry_gfn(mmu_seq, gfn.value)) {
+  if (!GFNMAP_SEEDED_BUG(kNoRetryCheck) && im.retry_gfn(mmu_seq, gfn.value)) {
     release_faultin_page(page, /*unused=*/true, /*dirty=*/false);
     im.unlock_mmu();
     Impl::inc(im.c.retries);
@@ -724,6 +726,7 @@ FaultResult Mmu::page_fault(Vcpu& vcpu, Gpa gpa, Access access, bool prefetch, V
   // Release under the lock (spec 6): dirty when the host mapping was writable.
   release_faultin_page(page, /*unused=*/false, /*dirty=*/writable);
   im.unlock_mmu();
+  GFNMAP_YIELD2("pf.installed", gfn.value, e & spte::kFlagsMask);
 
   // Logged after the lock is dropped (DirtyLog may block on its own locks); still under the
   // memslots read lock, so the slot is the one the leaf was installed for.
@@ -756,6 +759,7 @@ std::pair<uint64_t, uint64_t> hva_range_to_gfns(const Memslot& s, Hva start, Hva
 void Mmu::invalidate_range_start(Hva start, Hva end) {
   Impl& im = *impl_;
   slots_.mn_invalidate_begin();
+  GFNMAP_YIELD2("mn.start.counted", start.value, end.value);
   MemslotsReadLock rl = slots_.read_lock();
   bool locked = false;
   Impl::ZapCtx ctx;
@@ -816,6 +820,7 @@ void Mmu::invalidate_range_end(Hva start, Hva end) {
       im.unlock_mmu();
     }
   }
+  GFNMAP_YIELD2("mn.end.seq_bumped", start.value, end.value);
   slots_.mn_invalidate_end();
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gfnmap/mmu.h"
+#include "sched/sched_hooks.h"
 #include "table.h"
 
 namespace gfnmap {
@@ -27,6 +28,9 @@ struct Mmu::Impl {
   bool held_by_me() const { return owner.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
   void lock_mmu() {
     assert(!held_by_me() && "MMU lock taken recursively (lock order, mmu.h)");
+    GFNMAP_BLOCK_UNTIL("mmu_lock", [this] {
+      return owner.load(std::memory_order_relaxed) == std::thread::id{};
+    });
     lock.lock();
     owner.store(std::this_thread::get_id(), std::memory_order_relaxed);
   }

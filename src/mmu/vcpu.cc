@@ -141,6 +141,7 @@ template <class Fn>
       continue;
     }
     if (fixed_fast) {
+      GFNMAP_YIELD2("vcpu.fast_fixed", gfn, 0);
       ++stats_.fast_faults;
       Mmu::Impl::inc(mmu_.impl_->c.fast_faults);
       MemslotsReadLock rl = mmu_.slots_.read_lock();

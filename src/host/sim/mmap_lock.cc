@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "sched/sched_hooks.h"
+
 namespace gfnmap::detail {
 namespace {
 
@@ -28,6 +30,7 @@ void MmapLock::forget_hold_if_empty() const {
 }
 
 void MmapLock::acquire_shared_slow() {
+  GFNMAP_BLOCK_UNTIL("mmap_lock.shared", [this] { return !writer_ && waiting_writers_ == 0; });
   std::unique_lock l(m_);
   cv_.wait(l, [this] { return !writer_ && waiting_writers_ == 0; });
   ++readers_;
@@ -62,6 +65,7 @@ bool MmapLock::lock() {
     return true;
   }
   if (h && h->shared > 0) return false;
+  GFNMAP_BLOCK_UNTIL("mmap_lock.exclusive", [this] { return !writer_ && readers_ == 0; });
   {
     std::unique_lock l(m_);
     ++waiting_writers_;

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <utility>
 
+#include "sched/sched_hooks.h"
 #include "sim_host_impl.h"
 
 namespace gfnmap {
@@ -358,11 +359,13 @@ void SimHost::Impl::invalidate(const std::vector<Range>& unmerged, F&& change) {
     for (MmuNotifier* n : s.list) n->invalidate_range_start(Hva(r.start), Hva(r.end));
   }
   --t_in_callback;
+  GFNMAP_YIELD("host.inv.started");
   {
     std::lock_guard l(mu);
     counts.invalidations += ranges.size();
     change();
   }
+  GFNMAP_YIELD("host.inv.changed");
   ++t_in_callback;
   for (const Range& r : ranges) {
     for (MmuNotifier* n : s.list) n->invalidate_range_end(Hva(r.start), Hva(r.end));

@@ -516,7 +516,9 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
   }
   bool rearm_uffd = true;
   serve(s, g, &rearm_uffd);
-  if (!s.closed) rearm(s, s.uffd, kKindUffd);
+  // Re-armed already after the first read (and whoever took that arm re-arms in turn): only a
+  // turn that read nothing re-arms here.
+  if (!s.closed && rearm_uffd) rearm(s, s.uffd, kKindUffd);
 }
 
 void ServeServer::Impl::handshake(Session& s, uint32_t events) {

@@ -44,6 +44,7 @@ constexpr uint64_t kTagStop = 1;
 constexpr uint64_t kKindSocket = 1;
 constexpr uint64_t kKindUffd = 2;
 constexpr uint64_t kKindPrefetch = 3;
+constexpr uint64_t kKindHelp = 0;  // a session's tag is never 0 or 1 (ids start at 1)
 constexpr size_t kMaxHandshakeBytes = 1 << 20;
 constexpr int kMaxFds = 16;
 constexpr uint64_t k2M = 2u << 20;
@@ -215,6 +216,10 @@ struct Session {
   int sock = -1;
   int uffd = -1;
   int prefetch_fd = -1;  // an eventfd kept readable while prefetch has work left
+  // An eventfd made readable to call another handler thread to the fault queue (more than one
+  // fault read at once); help_called: written and not yet taken.
+  int help_fd = -1;
+  bool help_called = false;
   bool closed = false;
   Phase phase = Phase::kHandshake;
   std::string buf;
@@ -496,6 +501,15 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
     if (!s.closed) rearm(s, s.sock, kKindSocket);
     return;
   }
+  if (kind == kKindHelp) {
+    uint64_t v;
+    ssize_t r = read(s.help_fd, &v, sizeof v);  // not readable again until the next call
+    (void)r;
+    s.help_called = false;
+    serve_pending(s, g);
+    if (!s.closed) rearm(s, s.help_fd, kKindHelp);
+    return;
+  }
   if (kind == kKindPrefetch) {
     serve(s, g, nullptr);  // demand faults first
     const bool done = s.closed || prefetch_turn(s, g);
@@ -636,6 +650,15 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
   if (epoll_ctl(epfd, EPOLL_CTL_ADD, s.uffd, &ev) != 0) {
     end(s, true, std::string("epoll_ctl of the userfaultfd: ") + std::strerror(errno));
     return;
+  }
+  if (options.threads > 1) {
+    s.help_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.u64 = tag(s.id, kKindHelp);
+    if (s.help_fd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, s.help_fd, &ev) != 0) {
+      end(s, true, std::string("eventfd: ") + std::strerror(errno));
+      return;
+    }
   }
   s.placed.assign((mem_size + 4095) / 4096, 0);
   build_plan(s);
@@ -895,6 +918,13 @@ void ServeServer::Impl::serve(Session& s, std::unique_lock<std::mutex>& lk, bool
       rearm(s, s.uffd, kKindUffd);
       *rearm_uffd = false;
     }
+    if (s.pending.size() >= 2 && s.help_fd >= 0 && !s.help_called) {
+      // More than one fault to serve: another thread takes from the queue while this one copies.
+      s.help_called = true;
+      const uint64_t one = 1;
+      ssize_t w = write(s.help_fd, &one, sizeof one);
+      (void)w;
+    }
     serve_pending(s, lk);
   }
 }
@@ -1124,6 +1154,11 @@ void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
     epoll_ctl(epfd, EPOLL_CTL_DEL, s.prefetch_fd, nullptr);
     close(s.prefetch_fd);
     s.prefetch_fd = -1;
+  }
+  if (s.help_fd >= 0) {
+    epoll_ctl(epfd, EPOLL_CTL_DEL, s.help_fd, nullptr);
+    close(s.help_fd);
+    s.help_fd = -1;
   }
   for (int fd : s.fds) close(fd);
   s.fds.clear();

@@ -14,6 +14,7 @@
 //
 //   build/release/bench/bench_serve [--mib 256[,1024]] [--threads 2,4] [--orders random]
 //                                   [--reps 5] [--server-threads 2] [--fault-around 65536]
+//                                   [--server-nice 0]
 // The defaults (in brackets) take about 3 minutes on a 2-core VM; the full matrix is
 // --threads 1,2,4 --orders seq,random (about 9 minutes at 256 MiB; 1 GiB about 4x that).
 // Prints the host facts, every repetition, then medians and within-repetition ratios.
@@ -253,6 +254,7 @@ ChildResult run_minimal(const std::string& dir, const std::string& memfile, uint
 }
 
 uint64_t g_fault_around = 64u << 10;  // ServeOptions::fault_around_bytes of every served case
+int g_server_nice = 0;                // ServeOptions::handler_nice of every served case
 
 struct ServeResult {
   ChildResult child;
@@ -264,6 +266,7 @@ ServeResult run_serve(const std::string& dir, const std::string& memfile, uint64
                       const std::vector<uint64_t>* ws, bool record) {
   gfnmap::uffd::ServeOptions o;
   o.fault_around_bytes = g_fault_around;
+  o.handler_nice = g_server_nice;
   o.socket_path = dir + "/serve.sock";
   o.memory_file = memfile;
   o.threads = server_threads;
@@ -322,6 +325,7 @@ int main(int argc, char** argv) {
     else if (k == "--reps") reps = static_cast<unsigned>(std::atoi(v)), ++i;
     else if (k == "--server-threads") server_threads = static_cast<unsigned>(std::atoi(v)), ++i;
     else if (k == "--fault-around") g_fault_around = std::strtoull(v, nullptr, 10), ++i;
+    else if (k == "--server-nice") g_server_nice = std::atoi(v), ++i;
     else if (k == "--orders") {
       orders.clear();
       for (std::string s = v; !s.empty();) {
@@ -333,15 +337,16 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr,
                    "usage: bench_serve [--mib 256,1024] [--threads 1,2,4] [--orders seq,random] "
-                   "[--reps 5] [--server-threads 2] [--fault-around BYTES]\n");
+                   "[--reps 5] [--server-threads 2] [--fault-around BYTES] [--server-nice N]\n");
       return 2;
     }
   }
   const gfnmap::HostFacts& f = gfnmap::host_facts();
   std::printf("host: %s\nhost kind: %s\n", gfnmap::bench::host_summary(f).c_str(),
               gfnmap::bench::host_kind(f).c_str());
-  std::printf("cpus: %u, server threads: %u, fault-around: %llu bytes, repetitions: %u\n",
-              std::thread::hardware_concurrency(), server_threads,
+  std::printf("cpus: %u, server threads: %u (nice %d), fault-around: %llu bytes, "
+              "repetitions: %u\n",
+              std::thread::hardware_concurrency(), server_threads, g_server_nice,
               static_cast<unsigned long long>(g_fault_around), reps);
   if (!f.uffd_available()) {
     std::printf("userfaultfd unavailable: %s\n", f.uffd_why.c_str());

@@ -86,6 +86,12 @@ struct ServeOptions {
   std::string socket_path;  // bound and listened on; an existing socket file is replaced
   std::string memory_file;  // the guest memory snapshot, mapped read-only once
   unsigned threads = 2;     // handler threads shared by all sessions (1..64)
+  // The nice value of the handler threads (-20..19; 0: left as inherited). A VMM's vCPUs wait
+  // for these threads, and on a host with fewer cores than runnable threads the CPU's fair
+  // share sets both the fault tail and how far prefetch gets ahead of the guest. Lowering it
+  // below the process's needs CAP_SYS_NICE; if the kernel refuses, the threads keep theirs
+  // (handler_nice_failed() says so).
+  int handler_nice = 0;
   // A connection that has not completed its handshake after this long is refused.
   unsigned handshake_timeout_ms = 5000;
   // Prefetch, right after each handshake, interleaved with demand faults (which go first):
@@ -141,6 +147,8 @@ class ServeServer {
   uint64_t sessions_started() const;  // connections accepted
   uint64_t sessions_ended() const;
   uint64_t sessions_failed() const;
+  // A handler thread could not set ServeOptions::handler_nice (EACCES/EPERM).
+  bool handler_nice_failed() const;
 
   struct Impl;
 

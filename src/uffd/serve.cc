@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -254,6 +255,7 @@ struct ServeServer::Impl {
   int stop_fd = -1;
   std::vector<std::thread> threads;
   std::atomic<bool> started{false}, stopping{false}, stopped{false};
+  std::atomic<bool> nice_failed{false};
   std::mutex stop_mu;
 
   mutable std::mutex mu;  // sessions
@@ -299,6 +301,10 @@ uint64_t tag(uint64_t id, uint64_t kind) { return (id << 2) | kind; }
 Result<std::unique_ptr<ServeServer>> ServeServer::create(ServeOptions options) {
   if (options.threads == 0 || options.threads > 64) {
     return make_error(EINVAL, "serve: threads must be 1..64, not ", options.threads);
+  }
+  if (options.handler_nice < -20 || options.handler_nice > 19) {
+    return make_error(EINVAL, "serve: handler nice value must be -20..19, not ",
+                      options.handler_nice);
   }
   const uint64_t fa = options.fault_around_bytes;
   if (fa < 4096 || fa > k2M || (fa & (fa - 1)) != 0) {
@@ -420,11 +426,16 @@ unsigned ServeServer::active_sessions() const {
 uint64_t ServeServer::sessions_started() const { return impl_->next_id.load() - 1; }
 uint64_t ServeServer::sessions_ended() const { return impl_->ended.load(); }
 uint64_t ServeServer::sessions_failed() const { return impl_->failed.load(); }
+bool ServeServer::handler_nice_failed() const { return impl_->nice_failed.load(); }
 
 // ---------------------------------------------------------------------------------------------
 // The handler threads.
 
 void ServeServer::Impl::loop() {
+  if (options.handler_nice != 0 &&
+      setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), options.handler_nice) != 0) {
+    nice_failed.store(true);
+  }
   epoll_event evs[16];
   while (!stopping.load(std::memory_order_acquire)) {
     int n = epoll_wait(epfd, evs, 16, 100);

@@ -54,6 +54,7 @@ struct ServeArgs {
   std::string socket;
   std::string memfile;
   unsigned threads = 2;
+  int nice = 0;
   std::string fault_around = "64K";
   bool once = false;
   double connect_timeout = 0;
@@ -80,6 +81,7 @@ int run_serve(const ServeArgs& a) {
   o.socket_path = a.socket;
   o.memory_file = a.memfile;
   o.threads = a.threads;
+  o.handler_nice = a.nice;
   if (a.fault_around == "off") {
     o.fault_around_bytes = 4096;
   } else {
@@ -194,6 +196,7 @@ int run_serve(const ServeArgs& a) {
   const timespec tick{0, 100'000'000};
   double waited = 0;
   unsigned ticks = 0;
+  bool nice_warned = false;
   for (;;) {
     siginfo_t info;
     int sig = sigtimedwait(&set, &info, &tick);
@@ -205,6 +208,12 @@ int run_serve(const ServeArgs& a) {
     }
     waited += 0.1;
     const auto& srv = **server;
+    if (a.nice != 0 && !nice_warned && srv.handler_nice_failed()) {
+      nice_warned = true;
+      std::lock_guard g(out_mu);
+      std::fprintf(stderr, "gfnmap serve: --nice %d refused (needs CAP_SYS_NICE); the handler "
+                           "threads keep the inherited nice value\n", a.nice);
+    }
     if (a.once && srv.sessions_ended() > 0 && srv.active_sessions() == 0) break;
     if (a.connect_timeout > 0 && srv.sessions_started() == 0 && waited >= a.connect_timeout) {
       std::fprintf(stderr, "gfnmap serve: no VMM connected to %s within %g s\n", a.socket.c_str(),
@@ -247,6 +256,10 @@ GFNMAP_VERB("serve", "serve guest memory to VMMs' userfaultfds (Firecracker's Uf
               cmd.add_option("--threads", a.threads, "handler threads shared by all sessions")
                   ->check(CLI::Range(1, 64))
                   ->default_val(2);
+              cmd.add_option("--nice", a.nice,
+                             "nice value of the handler threads (-20..19; below the process's "
+                             "needs CAP_SYS_NICE; default: inherited)")
+                  ->check(CLI::Range(-20, 19));
               cmd.add_option("--fault-around", a.fault_around,
                              "also place the free pages around a demand fault in its aligned "
                              "block of this size (4K..2M, power of two; off: one page)")

@@ -72,6 +72,9 @@ struct SessionReport {
   uint64_t eagain_deferrals = 0;  // EAGAIN: events read first, then the fault retried
   uint64_t eexist_wakes = 0;      // EEXIST: the page was there, the faulter woken
   uint64_t pages_prefetched = 0;  // placed by prefetch (working set or sequential)
+  // The most UFFDIO_COPY/ZEROPAGE calls of this session in flight at once (handler threads
+  // serving its demand faults and its prefetch concurrently).
+  uint64_t max_copies_in_flight = 0;
   uint64_t faults_during_prefetch = 0;  // demand faults read while the prefetch had work left
   uint64_t prefetch_done_ns = 0;        // handshake -> prefetch plan done (0: none, unfinished)
   // With ServeOptions::record_working_set: the pages of demand faults, first touch first.
@@ -83,6 +86,12 @@ struct ServeOptions {
   std::string socket_path;  // bound and listened on; an existing socket file is replaced
   std::string memory_file;  // the guest memory snapshot, mapped read-only once
   unsigned threads = 2;     // handler threads shared by all sessions (1..64)
+  // The nice value of the handler threads (-20..19; 0: left as inherited). A VMM's vCPUs wait
+  // for these threads, and on a host with fewer cores than runnable threads the CPU's fair
+  // share sets both the fault tail and how far prefetch gets ahead of the guest. Lowering it
+  // below the process's needs CAP_SYS_NICE; if the kernel refuses, the threads keep theirs
+  // (handler_nice_failed() says so).
+  int handler_nice = 0;
   // A connection that has not completed its handshake after this long is refused.
   unsigned handshake_timeout_ms = 5000;
   // Prefetch, right after each handshake, interleaved with demand faults (which go first):
@@ -91,7 +100,16 @@ struct ServeOptions {
   // (REMOVE) are never prefetched; a page already present is never copied again.
   std::vector<uint64_t> prefetch_working_set;  // memory-file offsets (WorkingSetEntry::offset)
   bool prefetch_sequential = false;
-  bool record_working_set = false;  // fill SessionReport::working_set
+  // Demand fault-around: a demand fault of a 4K page also places the pages around it that are
+  // neither placed, claimed nor removed, within its fault_around_bytes-aligned block and its
+  // region, in the same UFFDIO_COPY (contiguous with the faulting page). A power of two,
+  // 4096 (off: one page per fault) to 2 MiB. It costs the VMM up to fault_around_bytes - 4K of
+  // resident memory per demand fault for pages the guest may never touch; zero pages of the file
+  // among them are copied (a private page each), not mapped as zero pages.
+  uint64_t fault_around_bytes = 64u << 10;
+  // With record_working_set: fill SessionReport::working_set. With fault-around, a demand fault
+  // records its faulting page, then the pages placed around it, at the fault's time.
+  bool record_working_set = false;
   // A serving error after the handshake (the memory file unreadable, an ioctl failing) leaves
   // the VMM with faults nobody serves: it hangs. With this, the server SIGKILLs the peer (its
   // SO_PEERCRED pid) instead. Off by default: a VMM is not the server's to kill.
@@ -107,8 +125,9 @@ std::string to_string(const SessionReport& report);
 std::string to_json(const SessionReport& report);
 
 // The server. create() maps the memory file and binds the socket; start() starts the handler
-// threads, which accept connections and serve every session (epoll, one thread per session at
-// a time, so a slow or dead VMM holds at most one thread for one fault).
+// threads, which accept connections and serve every session (epoll). Several threads may serve
+// one session's faults at once (each copies with the session unlocked); a slow or dead VMM
+// holds a thread for at most one fault (one UFFDIO_COPY) before it goes back to epoll.
 class ServeServer {
  public:
   static Result<std::unique_ptr<ServeServer>> create(ServeOptions options);
@@ -128,6 +147,8 @@ class ServeServer {
   uint64_t sessions_started() const;  // connections accepted
   uint64_t sessions_ended() const;
   uint64_t sessions_failed() const;
+  // A handler thread could not set ServeOptions::handler_nice (EACCES/EPERM).
+  bool handler_nice_failed() const;
 
   struct Impl;
 

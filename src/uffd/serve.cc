@@ -1,7 +1,9 @@
 // gfnmap serve: sessions of the page server for other processes' userfaultfds. One epoll set
 // holds the listening socket, a stop eventfd and, per session, its connection and (after the
-// handshake) the VMM's userfaultfd, each EPOLLONESHOT so one thread at a time works on a
-// session. Faults are served from the memory file mapped once (docs/serve.md).
+// handshake) the VMM's userfaultfd, each EPOLLONESHOT. The userfaultfd is re-armed as soon as a
+// thread has read a batch, so several threads may serve one session: reads and bookkeeping
+// under the session lock, UFFDIO_COPY/ZEROPAGE without it. Faults are served from the memory
+// file mapped once (docs/serve.md).
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
@@ -9,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -42,6 +45,7 @@ constexpr uint64_t kTagStop = 1;
 constexpr uint64_t kKindSocket = 1;
 constexpr uint64_t kKindUffd = 2;
 constexpr uint64_t kKindPrefetch = 3;
+constexpr uint64_t kKindHelp = 0;  // a session's tag is never 0 or 1 (ids start at 1)
 constexpr size_t kMaxHandshakeBytes = 1 << 20;
 constexpr int kMaxFds = 16;
 constexpr uint64_t k2M = 2u << 20;
@@ -203,14 +207,20 @@ enum class Phase { kHandshake, kServing };
 
 struct Session {
   std::mutex mu;
-  // A prefetch UFFDIO_COPY is in flight without mu held (set and cleared under mu). Reading the
-  // userfaultfd and closing it wait until it is not (cv).
-  bool copy_inflight = false;
+  // UFFDIO_COPY/ZEROPAGE calls in flight without mu held (demand or prefetch; counted under mu).
+  // Reading the userfaultfd and closing it wait until there are none (cv): a REMOVE read lets
+  // the VMM's madvise go on to zap the range, and a copy that started before the read could
+  // place its pages after that zap. cv is also signalled when claims (placed == 1) resolve.
+  int inflight = 0;
   std::condition_variable_any cv;
   uint64_t id = 0;
   int sock = -1;
   int uffd = -1;
   int prefetch_fd = -1;  // an eventfd kept readable while prefetch has work left
+  // An eventfd made readable to call another handler thread to the fault queue (more than one
+  // fault read at once); help_called: written and not yet taken.
+  int help_fd = -1;
+  bool help_called = false;
   bool closed = false;
   Phase phase = Phase::kHandshake;
   std::string buf;
@@ -222,9 +232,10 @@ struct Session {
   std::vector<uint64_t> latencies;
   std::vector<std::pair<uint64_t, uint64_t>> plan;  // prefetch runs: (address, length)
   size_t plan_next = 0;
-  // Pages placed or claimed, by 4K page of the memory file (prefetch sessions only): prefetch
-  // claims a page here before copying it and skips pages already here, so it never copies a
-  // page twice (nor one a demand fault placed). Read and written under mu.
+  // By 4K page of the memory file: 0 not placed, 1 claimed (a copy of it is in flight), 2
+  // placed. A copy claims its pages first; prefetch and fault-around take only pages at 0, so
+  // no page is copied twice; a demand fault of a claimed page waits for the claim to resolve.
+  // A REMOVE puts its pages back to 0 (they are gone; later faults get zero pages). Under mu.
   std::vector<uint8_t> placed;
   uint64_t prefetch_done_ns = 0;
   std::unordered_set<uint64_t> recorded;  // file offsets already in report.working_set
@@ -244,6 +255,7 @@ struct ServeServer::Impl {
   int stop_fd = -1;
   std::vector<std::thread> threads;
   std::atomic<bool> started{false}, stopping{false}, stopped{false};
+  std::atomic<bool> nice_failed{false};
   std::mutex stop_mu;
 
   mutable std::mutex mu;  // sessions
@@ -267,10 +279,11 @@ struct ServeServer::Impl {
   void accept_all();
   void handle(const std::shared_ptr<Session>& s, uint64_t kind, uint32_t events);
   void handshake(Session& s, uint32_t events);
-  void serve(Session& s);
-  bool read_messages(Session& s);
-  bool serve_fault(Session& s, uint64_t addr, uint64_t t_read);
-  void serve_pending(Session& s);
+  void serve(Session& s, std::unique_lock<std::mutex>& lk, bool* rearm_uffd);
+  bool read_messages(Session& s, int* err = nullptr);
+  bool serve_fault(Session& s, std::unique_lock<std::mutex>& lk, uint64_t addr, uint64_t t_read);
+  void serve_pending(Session& s, std::unique_lock<std::mutex>& lk);
+  void clear_placed(Session& s, uint64_t start, uint64_t end);
   void build_plan(Session& s);
   bool prefetch_turn(Session& s, std::unique_lock<std::mutex>& lk);
   void mark_placed(Session& s, uint64_t off, uint64_t len, uint8_t v);
@@ -288,6 +301,15 @@ uint64_t tag(uint64_t id, uint64_t kind) { return (id << 2) | kind; }
 Result<std::unique_ptr<ServeServer>> ServeServer::create(ServeOptions options) {
   if (options.threads == 0 || options.threads > 64) {
     return make_error(EINVAL, "serve: threads must be 1..64, not ", options.threads);
+  }
+  if (options.handler_nice < -20 || options.handler_nice > 19) {
+    return make_error(EINVAL, "serve: handler nice value must be -20..19, not ",
+                      options.handler_nice);
+  }
+  const uint64_t fa = options.fault_around_bytes;
+  if (fa < 4096 || fa > k2M || (fa & (fa - 1)) != 0) {
+    return make_error(EINVAL, "serve: fault-around must be a power of two from 4096 (off) to ",
+                      k2M, " bytes, not ", fa);
   }
   sockaddr_un addr{};
   if (options.socket_path.empty() || options.socket_path.size() >= sizeof addr.sun_path) {
@@ -404,11 +426,16 @@ unsigned ServeServer::active_sessions() const {
 uint64_t ServeServer::sessions_started() const { return impl_->next_id.load() - 1; }
 uint64_t ServeServer::sessions_ended() const { return impl_->ended.load(); }
 uint64_t ServeServer::sessions_failed() const { return impl_->failed.load(); }
+bool ServeServer::handler_nice_failed() const { return impl_->nice_failed.load(); }
 
 // ---------------------------------------------------------------------------------------------
 // The handler threads.
 
 void ServeServer::Impl::loop() {
+  if (options.handler_nice != 0 &&
+      setpriority(PRIO_PROCESS, static_cast<id_t>(gettid()), options.handler_nice) != 0) {
+    nice_failed.store(true);
+  }
   epoll_event evs[16];
   while (!stopping.load(std::memory_order_acquire)) {
     int n = epoll_wait(epfd, evs, 16, 100);
@@ -485,10 +512,19 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
     if (!s.closed) rearm(s, s.sock, kKindSocket);
     return;
   }
+  if (kind == kKindHelp) {
+    uint64_t v;
+    ssize_t r = read(s.help_fd, &v, sizeof v);  // not readable again until the next call
+    (void)r;
+    s.help_called = false;
+    serve_pending(s, g);
+    if (!s.closed) rearm(s, s.help_fd, kKindHelp);
+    return;
+  }
   if (kind == kKindPrefetch) {
-    serve(s);  // demand faults first
+    serve(s, g, nullptr);  // demand faults first
     const bool done = s.closed || prefetch_turn(s, g);
-    serve_pending(s);  // faults read while prefetching
+    serve_pending(s, g);  // faults read while prefetching
     if (s.closed) return;
     if (done) {
       epoll_ctl(epfd, EPOLL_CTL_DEL, s.prefetch_fd, nullptr);
@@ -503,8 +539,11 @@ void ServeServer::Impl::handle(const std::shared_ptr<Session>& sp, uint64_t kind
     end(s, true, "the userfaultfd reported an error (EPOLLERR/EPOLLHUP)");
     return;
   }
-  serve(s);
-  if (!s.closed) rearm(s, s.uffd, kKindUffd);
+  bool rearm_uffd = true;
+  serve(s, g, &rearm_uffd);
+  // Re-armed already after the first read (and whoever took that arm re-arms in turn): only a
+  // turn that read nothing re-arms here.
+  if (!s.closed && rearm_uffd) rearm(s, s.uffd, kKindUffd);
 }
 
 void ServeServer::Impl::handshake(Session& s, uint32_t events) {
@@ -623,6 +662,16 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
     end(s, true, std::string("epoll_ctl of the userfaultfd: ") + std::strerror(errno));
     return;
   }
+  if (options.threads > 1) {
+    s.help_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.u64 = tag(s.id, kKindHelp);
+    if (s.help_fd < 0 || epoll_ctl(epfd, EPOLL_CTL_ADD, s.help_fd, &ev) != 0) {
+      end(s, true, std::string("eventfd: ") + std::strerror(errno));
+      return;
+    }
+  }
+  s.placed.assign((mem_size + 4095) / 4096, 0);
   build_plan(s);
   if (!s.plan.empty()) {
     s.prefetch_fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);  // readable until prefetch is done
@@ -639,14 +688,18 @@ void ServeServer::Impl::handshake(Session& s, uint32_t events) {
 // Reads one batch of messages: events are applied at once (so a fault read after a REMOVE of
 // its page, and any fault retried after it, gets a zero page), faults are queued. False when
 // nothing was read.
-bool ServeServer::Impl::read_messages(Session& s) {
-  // A REMOVE read now lets the VMM's madvise go on to zap the range; a prefetch copy still in
-  // flight could place pages after that zap. So no read while one is (at most one small copy).
-  s.cv.wait(s.mu, [&s] { return !s.copy_inflight; });
+bool ServeServer::Impl::read_messages(Session& s, int* err) {
+  // A REMOVE read now lets the VMM's madvise go on to zap the range; a copy still in flight
+  // could place pages after that zap. So no read while one is (each at most one small copy).
+  s.cv.wait(s.mu, [&s] { return s.inflight == 0; });
+  if (err) *err = EAGAIN;
   if (s.uffd < 0) return false;
   uffd_msg msgs[64];
   ssize_t n = read(s.uffd, msgs, sizeof msgs);
-  if (n <= 0) return false;
+  if (n <= 0) {
+    if (err && n < 0) *err = errno;
+    return false;
+  }
   const uint64_t t = now_ns();
   const size_t count = static_cast<size_t>(n) / sizeof(uffd_msg);
   for (size_t i = 0; i < count; ++i) {
@@ -660,9 +713,11 @@ bool ServeServer::Impl::read_messages(Session& s) {
       case UFFD_EVENT_REMOVE:
         ++s.report.removes;
         s.removed.add(m.arg.remove.start, m.arg.remove.end);
+        clear_placed(s, m.arg.remove.start, m.arg.remove.end);
         break;
       case UFFD_EVENT_UNMAP:
         ++s.report.unmaps;
+        clear_placed(s, m.arg.remove.start, m.arg.remove.end);
         apply_unmap(s, m.arg.remove.start, m.arg.remove.end);
         break;
       case UFFD_EVENT_REMAP:
@@ -680,11 +735,22 @@ bool ServeServer::Impl::read_messages(Session& s) {
   return true;
 }
 
-void ServeServer::Impl::serve_pending(Session& s) {
+// Serves the faults read so far, front first. Other threads may take from the same queue while
+// this one copies (the lock is released around each copy).
+void ServeServer::Impl::serve_pending(Session& s, std::unique_lock<std::mutex>& lk) {
   while (!s.pending.empty() && !s.closed) {
     auto [addr, t] = s.pending.front();
     s.pending.pop_front();
-    if (!serve_fault(s, addr, t)) return;
+    if (!serve_fault(s, lk, addr, t)) return;
+  }
+}
+
+// The pages of [start, end) in the VMM are gone (REMOVE, UNMAP): not placed any more.
+void ServeServer::Impl::clear_placed(Session& s, uint64_t start, uint64_t end_addr) {
+  for (const ServeRegion& g : s.regions) {
+    const uint64_t gs = g.base_host_virt_addr, ge = gs + g.size;
+    const uint64_t cs = std::max(gs, start), ce = std::min(ge, end_addr);
+    if (cs < ce) mark_placed(s, g.offset + (cs - gs), ce - cs, 0);
   }
 }
 
@@ -727,7 +793,6 @@ void ServeServer::Impl::build_plan(Session& s) {
       add_page(o);
     }
   }
-  if (!s.plan.empty() || options.prefetch_sequential) s.placed.assign((mem_size + 4095) / 4096, 0);
   if (options.prefetch_sequential) {
     for (const ServeRegion& g : s.regions) {
       const uint64_t chunk = std::max(k2M, g.page_size);
@@ -751,7 +816,7 @@ bool ServeServer::Impl::prefetch_turn(Session& s, std::unique_lock<std::mutex>& 
     if (stopping.load(std::memory_order_relaxed)) return false;
     pollfd p{s.uffd, POLLIN, 0};
     if (poll(&p, 1, 0) == 1) {  // demand first: read and serve it before the next copy
-      serve(s);
+      serve(s, lk, nullptr);
       if (s.closed) return true;
     }
     if (now_ns() > t_end) return false;
@@ -787,24 +852,29 @@ bool ServeServer::Impl::prefetch_turn(Session& s, std::unique_lock<std::mutex>& 
     c.src = reinterpret_cast<uint64_t>(mem + file_off(a));
     c.len = b - a;
     const int uffd = s.uffd;
-    s.copy_inflight = true;
+    ++s.inflight;
+    s.report.max_copies_in_flight =
+        std::max<uint64_t>(s.report.max_copies_in_flight, static_cast<uint64_t>(s.inflight));
     lk.unlock();
     const int rc = ioctl(uffd, UFFDIO_COPY, &c);
     const int e = errno;
     lk.lock();
-    s.copy_inflight = false;
+    --s.inflight;
     s.cv.notify_all();
     if (rc == 0) {
+      mark_placed(s, file_off(a), b - a, 2);
       s.report.pages_prefetched += (b - a) / ps;
       s.plan[s.plan_next] = {b, end_addr - b};
       continue;
     }
     const uint64_t done = c.copy > 0 ? static_cast<uint64_t>(c.copy) : 0;
+    mark_placed(s, file_off(a), done, 2);
     s.report.pages_prefetched += done / ps;
     if (e == EEXIST) {
-      // The page after the copied ones is there (a demand fault placed it): step over it and
-      // release the claim of the rest.
+      // The page after the copied ones is there (placed before this session knew of it):
+      // step over it and release the claim of the rest.
       const uint64_t next = a + done + ps;
+      mark_placed(s, file_off(a + done), std::min(ps, b - (a + done)), 2);
       if (next < b) mark_placed(s, file_off(next), b - next, 0);
       s.plan[s.plan_next] = {next, end_addr > next ? end_addr - next : 0};
       continue;
@@ -816,7 +886,7 @@ bool ServeServer::Impl::prefetch_turn(Session& s, std::unique_lock<std::mutex>& 
       ++s.report.eagain_deferrals;
       s.plan[s.plan_next] = {a + done, end_addr - (a + done)};
       if (!s.closed) read_messages(s);
-      serve_pending(s);
+      serve_pending(s, lk);
       return s.closed;
     }
     if (e == ESRCH) {
@@ -839,40 +909,75 @@ void ServeServer::Impl::mark_placed(Session& s, uint64_t off, uint64_t len, uint
   for (uint64_t i = first; i < last; ++i) s.placed[i] = v;
 }
 
-void ServeServer::Impl::serve(Session& s) {
-  // A few batches per turn, then back to epoll so other sessions get the thread.
+// A few batches per turn, then back to epoll so other sessions get the thread. With
+// rearm_uffd, the userfaultfd is re-armed after the first read: faults that come in while this
+// thread copies wake another handler thread, which serves the queue or reads the next batch.
+void ServeServer::Impl::serve(Session& s, std::unique_lock<std::mutex>& lk, bool* rearm_uffd) {
   for (int batch = 0; batch < 8 && !s.closed; ++batch) {
-    const bool got = read_messages(s);
-    if (!got && s.pending.empty()) {
-      if (errno != EAGAIN && errno != EINTR) {
-        end(s, true, std::string("read of the userfaultfd: ") + std::strerror(errno));
+    if (s.pending.empty()) {
+      int e = 0;
+      if (!read_messages(s, &e)) {
+        if (s.pending.empty()) {
+          if (e != EAGAIN && e != EINTR && !s.closed) {
+            end(s, true, std::string("read of the userfaultfd: ") + std::strerror(e));
+          }
+          return;
+        }
       }
-      return;
     }
-    serve_pending(s);
+    if (rearm_uffd && *rearm_uffd && !s.closed) {
+      rearm(s, s.uffd, kKindUffd);
+      *rearm_uffd = false;
+    }
+    if (s.pending.size() >= 2 && s.help_fd >= 0 && !s.help_called) {
+      // More than one fault to serve: another thread takes from the queue while this one copies.
+      s.help_called = true;
+      const uint64_t one = 1;
+      ssize_t w = write(s.help_fd, &one, sizeof one);
+      (void)w;
+    }
+    serve_pending(s, lk);
   }
 }
 
-bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) {
-  const ServeRegion* r = nullptr;
-  auto it = std::upper_bound(
-      s.regions.begin(), s.regions.end(), addr,
-      [](uint64_t a, const ServeRegion& g) { return a < g.base_host_virt_addr; });
-  if (it != s.regions.begin()) {
-    const ServeRegion& g = *std::prev(it);
-    if (addr < g.base_host_virt_addr + g.size) r = &g;
-  }
-  if (!r) {
-    // Not in a region (a stale fault after an unmap): wake the faulter so it retries.
-    uffdio_range wr{addr & ~uint64_t{4095}, 4096};
-    ioctl(s.uffd, UFFDIO_WAKE, &wr);
-    return true;
-  }
-  uint64_t ps = r->page_size;
-  uint64_t page = addr & ~(ps - 1);
-  uint64_t off = r->offset + (page - r->base_host_virt_addr);
+// Serves one demand fault: mu held, released around the ioctl. With fault-around, the free
+// pages next to the faulting one in its aligned block (and its region) go in the same copy.
+// False when the session ended or must end.
+bool ServeServer::Impl::serve_fault(Session& s, std::unique_lock<std::mutex>& lk, uint64_t addr,
+                                    uint64_t t_read) {
+  uint64_t ps = 0;      // the size placed: the region's page size, or 4K inside a partial 2M page
+  bool single = false;  // a fault-around copy failed: the faulting page alone now
   for (;;) {
-    bool zero = s.removed.contains(page);
+    if (s.closed) return false;
+    // Looked up again on every try: events read below may have moved or cut the region.
+    const ServeRegion* r = nullptr;
+    auto it = std::upper_bound(
+        s.regions.begin(), s.regions.end(), addr,
+        [](uint64_t a, const ServeRegion& g) { return a < g.base_host_virt_addr; });
+    if (it != s.regions.begin()) {
+      const ServeRegion& g = *std::prev(it);
+      if (addr < g.base_host_virt_addr + g.size) r = &g;
+    }
+    if (!r) {
+      // Not in a region (a stale fault after an unmap): wake the faulter so it retries.
+      uffdio_range wr{addr & ~uint64_t{4095}, 4096};
+      ioctl(s.uffd, UFFDIO_WAKE, &wr);
+      return true;
+    }
+    const uint64_t base = r->base_host_virt_addr, rend = base + r->size, roff = r->offset;
+    const uint64_t rps = r->page_size;
+    if (ps == 0 || ps > rps) ps = rps;
+    const uint64_t page = addr & ~(ps - 1);
+    const uint64_t off = roff + (page - base);
+    const uint8_t state = s.placed[off / 4096];
+    if (state == 1) {
+      // Another thread's copy holds it: that copy places it (and wakes the faulter) or gives
+      // the claim back. Then look again.
+      s.cv.wait(lk, [&] { return s.closed || s.placed[off / 4096] != 1; });
+      continue;
+    }
+    const bool removed = s.removed.contains(page);
+    bool zero = removed;
     if (!zero && ps == 4096) {
       const int z = guarded_all_zero(mem + off, 4096);
       if (z < 0) {
@@ -882,51 +987,87 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
       }
       zero = z == 1;
     }
+    // The run [a, b): the faulting page, and with fault-around the pages next to it that are
+    // not placed, not claimed and not removed, within its aligned block and its region.
+    uint64_t a = page, b = page + ps;
+    const uint64_t fa = options.fault_around_bytes;
+    if (!zero && !single && state == 0 && ps == 4096 && fa > 4096) {
+      const uint64_t lo = std::max(page & ~(fa - 1), base);
+      const uint64_t hi = std::min((page & ~(fa - 1)) + fa, rend);
+      auto is_free = [&](uint64_t va) {
+        return s.placed[(roff + (va - base)) / 4096] == 0 && !s.removed.contains(va);
+      };
+      while (a > lo && is_free(a - 4096)) a -= 4096;
+      while (b < hi && is_free(b)) b += 4096;
+    }
+    const uint64_t a_off = roff + (a - base);
+    mark_placed(s, a_off, b - a, 1);
+    const bool use_zeropage = zero && ps == 4096;
+    uffdio_copy c{};
+    uffdio_zeropage z{};
     int rc;
-    bool zeropage = false;
-    if (zero && ps == 4096) {
-      uffdio_zeropage z{};
+    const int uffd = s.uffd;
+    ++s.inflight;
+    s.report.max_copies_in_flight =
+        std::max<uint64_t>(s.report.max_copies_in_flight, static_cast<uint64_t>(s.inflight));
+    lk.unlock();
+    if (use_zeropage) {
       z.range.start = page;
       z.range.len = ps;
-      rc = ioctl(s.uffd, UFFDIO_ZEROPAGE, &z);
-      zeropage = true;
+      rc = ioctl(uffd, UFFDIO_ZEROPAGE, &z);
     } else {
       // hugetlbfs has no UFFDIO_ZEROPAGE: a removed 2M page is a copy of zeros.
-      uffdio_copy c{};
-      c.dst = page;
-      c.src = reinterpret_cast<uint64_t>(zero ? zero2m : mem + off);
-      c.len = ps;
-      rc = ioctl(s.uffd, UFFDIO_COPY, &c);
-      zeropage = zero;
-    }
-    if (rc == 0) {
-      ++(zeropage ? s.report.pages_zeroed : s.report.pages_copied);
-      if (!s.placed.empty()) mark_placed(s, off, ps, 1);
-      if (options.record_working_set && !s.removed.contains(page)) {
-        const uint64_t file_off = r->offset + ((page & ~(r->page_size - 1)) - r->base_host_virt_addr);
-        if (s.recorded.insert(file_off).second) {
-          s.report.working_set.push_back({file_off, now_ns() - s.t_handshake});
-        }
-      }
-      break;
+      c.dst = a;
+      c.src = reinterpret_cast<uint64_t>(zero ? zero2m : mem + a_off);
+      c.len = b - a;
+      rc = ioctl(uffd, UFFDIO_COPY, &c);
     }
     const int e = errno;
+    lk.lock();
+    --s.inflight;
+    s.cv.notify_all();  // with the claims below resolved before the lock is released
+    // Placed: everything on success, else the first c.copy bytes (a partial copy).
+    const uint64_t done =
+        rc == 0 ? b - a : (!use_zeropage && c.copy > 0 ? static_cast<uint64_t>(c.copy) : 0);
+    mark_placed(s, a_off, done, 2);
+    mark_placed(s, a_off + done, (b - a) - done, 0);
+    if (zero) {
+      s.report.pages_zeroed += done / ps;
+    } else {
+      s.report.pages_copied += done / ps;
+    }
+    if (done > 0 && options.record_working_set && !removed) {
+      auto record = [&](uint64_t o) {
+        if (s.recorded.insert(o).second) {
+          s.report.working_set.push_back({o, now_ns() - s.t_handshake});
+        }
+      };
+      const uint64_t fault_off = roff + ((addr & ~(rps - 1)) - base);
+      if (page < a + done) record(fault_off);
+      if (ps == rps) {
+        for (uint64_t o = a_off; o < a_off + done; o += ps) record(o);
+      }
+    }
+    if (page < a + done) break;  // the faulting page is placed (and its faulter woken)
+    if (b - a > ps) {
+      single = true;  // the run failed before the faulting page: try that page alone
+      continue;
+    }
     if (e == EEXIST && ps != 4096) {
       // Part of the 2M page is there already (2M regions of 4K-page memory, after a REMOVE of
       // part of it): place the faulting 4K page alone. hugetlbfs refuses that (EINVAL), and
       // there a partly present huge page cannot be: the wake below is then right.
       ps = 4096;
-      page = addr & ~uint64_t{4095};
-      off = r->offset + (page - r->base_host_virt_addr);
       continue;
     }
-    if (e == EINVAL && ps == 4096 && r->page_size != 4096) {
-      uffdio_range wr{addr & ~(r->page_size - 1), r->page_size};
+    if (e == EINVAL && ps == 4096 && rps != 4096) {
+      uffdio_range wr{addr & ~(rps - 1), rps};
       ioctl(s.uffd, UFFDIO_WAKE, &wr);
       ++s.report.eexist_wakes;
       break;
     }
     if (e == EEXIST) {
+      mark_placed(s, off, ps, 2);  // it is there
       uffdio_range wr{page, ps};
       ioctl(s.uffd, UFFDIO_WAKE, &wr);
       ++s.report.eexist_wakes;
@@ -936,7 +1077,11 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
       // The mm is changing (a REMOVE/UNMAP/REMAP is pending): read the events, then retry.
       ++s.report.eagain_deferrals;
       if (stopping.load(std::memory_order_relaxed)) return false;  // stop() ends the session
-      if (!read_messages(s)) std::this_thread::yield();
+      if (!read_messages(s)) {
+        lk.unlock();
+        std::this_thread::yield();
+        lk.lock();
+      }
       continue;
     }
     if (e == ESRCH) {
@@ -948,8 +1093,8 @@ bool ServeServer::Impl::serve_fault(Session& s, uint64_t addr, uint64_t t_read) 
       read_messages(s);
       break;
     }
-    end(s, true, std::string(zeropage ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY") + " at " + hex(page) +
-                     ": " + std::strerror(e));
+    end(s, true, std::string(use_zeropage ? "UFFDIO_ZEROPAGE" : "UFFDIO_COPY") + " at " +
+                     hex(page) + ": " + std::strerror(e));
     return false;
   }
   const uint64_t done = now_ns();
@@ -1004,7 +1149,8 @@ void ServeServer::Impl::apply_remap(Session& s, uint64_t from, uint64_t to, uint
 void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
   if (s.closed) return;
   s.closed = true;
-  s.cv.wait(s.mu, [&s] { return !s.copy_inflight; });  // the copy uses s.uffd
+  s.cv.notify_all();  // threads waiting for a claim see the end
+  s.cv.wait(s.mu, [&s] { return s.inflight == 0; });  // the copies use s.uffd
   if (s.sock >= 0) {
     epoll_ctl(epfd, EPOLL_CTL_DEL, s.sock, nullptr);
     close(s.sock);
@@ -1019,6 +1165,11 @@ void ServeServer::Impl::end(Session& s, bool is_failure, std::string reason) {
     epoll_ctl(epfd, EPOLL_CTL_DEL, s.prefetch_fd, nullptr);
     close(s.prefetch_fd);
     s.prefetch_fd = -1;
+  }
+  if (s.help_fd >= 0) {
+    epoll_ctl(epfd, EPOLL_CTL_DEL, s.help_fd, nullptr);
+    close(s.help_fd);
+    s.help_fd = -1;
   }
   for (int fd : s.fds) close(fd);
   s.fds.clear();

@@ -319,7 +319,8 @@ std::string to_json(const SessionReport& r) {
          ",\"prefetch_done_ns\":" + u(r.prefetch_done_ns) +
          ",\"removes\":" + u(r.removes) + ",\"unmaps\":" + u(r.unmaps) + ",\"remaps\":" +
          u(r.remaps) + ",\"eagain_deferrals\":" + u(r.eagain_deferrals) +
-         ",\"eexist_wakes\":" + u(r.eexist_wakes) + "}";
+         ",\"eexist_wakes\":" + u(r.eexist_wakes) +
+         ",\"max_copies_in_flight\":" + u(r.max_copies_in_flight) + "}";
 }
 
 }  // namespace gfnmap::uffd

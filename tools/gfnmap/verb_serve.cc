@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
@@ -20,9 +21,12 @@ constexpr const char* kServeHelp = R"(Listens on the Unix socket SOCKET and serv
 connects (Firecracker: mem_backend {"backend_type": "Uffd", "backend_path": SOCKET}). A
 connection is one session: one message, a JSON array of regions {base_host_virt_addr, size,
 offset, page_size} with the VMM's userfaultfd in SCM_RIGHTS; then every missing-page fault
-of that VMM is served from MEMFILE (mapped once for all sessions): UFFDIO_COPY of one page,
-UFFDIO_ZEROPAGE for a page that is all zero or that the VMM discarded (UFFD_EVENT_REMOVE:
-balloon, free-page reporting). A bad handshake is refused (the reason names the field) and
+of that VMM is served from MEMFILE (mapped once for all sessions): UFFDIO_COPY of the page
+and, with --fault-around (default 64K), of the pages around it in its aligned block that are
+not placed yet and not discarded (off: one page per fault); UFFDIO_ZEROPAGE for a page that is
+all zero or that the VMM discarded (UFFD_EVENT_REMOVE: balloon, free-page reporting).
+Fault-around costs the VMM up to that much resident memory per fault for pages it may never
+touch. Several --threads may serve one VMM's faults at once. A bad handshake is refused (the reason names the field) and
 closes that session only. A session ends when its VMM exits.
 
 Each session is logged when it starts (peer pid from SO_PEERCRED) and reported when it ends:
@@ -50,6 +54,8 @@ struct ServeArgs {
   std::string socket;
   std::string memfile;
   unsigned threads = 2;
+  int nice = 0;
+  std::string fault_around = "64K";
   bool once = false;
   double connect_timeout = 0;
   std::string stats;
@@ -75,6 +81,23 @@ int run_serve(const ServeArgs& a) {
   o.socket_path = a.socket;
   o.memory_file = a.memfile;
   o.threads = a.threads;
+  o.handler_nice = a.nice;
+  if (a.fault_around == "off") {
+    o.fault_around_bytes = 4096;
+  } else {
+    char* end = nullptr;
+    uint64_t v = std::strtoull(a.fault_around.c_str(), &end, 10);
+    if (end && (*end == 'K' || *end == 'k')) v <<= 10, ++end;
+    else if (end && (*end == 'M' || *end == 'm')) v <<= 20, ++end;
+    if (!end || *end || end == a.fault_around.c_str() || v < 4096 || v > (2u << 20) ||
+        (v & (v - 1)) != 0) {
+      std::fprintf(stderr, "gfnmap serve: --fault-around: '%s' is not off or a power of two "
+                           "from 4K to 2M\n", a.fault_around.c_str());
+      if (stats) std::fclose(stats);
+      return 2;
+    }
+    o.fault_around_bytes = v;
+  }
   if (a.prefetch == "sequential") {
     o.prefetch_sequential = true;
   } else if (a.prefetch != "off") {
@@ -173,6 +196,7 @@ int run_serve(const ServeArgs& a) {
   const timespec tick{0, 100'000'000};
   double waited = 0;
   unsigned ticks = 0;
+  bool nice_warned = false;
   for (;;) {
     siginfo_t info;
     int sig = sigtimedwait(&set, &info, &tick);
@@ -184,6 +208,12 @@ int run_serve(const ServeArgs& a) {
     }
     waited += 0.1;
     const auto& srv = **server;
+    if (a.nice != 0 && !nice_warned && srv.handler_nice_failed()) {
+      nice_warned = true;
+      std::lock_guard g(out_mu);
+      std::fprintf(stderr, "gfnmap serve: --nice %d refused (needs CAP_SYS_NICE); the handler "
+                           "threads keep the inherited nice value\n", a.nice);
+    }
     if (a.once && srv.sessions_ended() > 0 && srv.active_sessions() == 0) break;
     if (a.connect_timeout > 0 && srv.sessions_started() == 0 && waited >= a.connect_timeout) {
       std::fprintf(stderr, "gfnmap serve: no VMM connected to %s within %g s\n", a.socket.c_str(),
@@ -226,6 +256,14 @@ GFNMAP_VERB("serve", "serve guest memory to VMMs' userfaultfds (Firecracker's Uf
               cmd.add_option("--threads", a.threads, "handler threads shared by all sessions")
                   ->check(CLI::Range(1, 64))
                   ->default_val(2);
+              cmd.add_option("--nice", a.nice,
+                             "nice value of the handler threads (-20..19; below the process's "
+                             "needs CAP_SYS_NICE; default: inherited)")
+                  ->check(CLI::Range(-20, 19));
+              cmd.add_option("--fault-around", a.fault_around,
+                             "also place the free pages around a demand fault in its aligned "
+                             "block of this size (4K..2M, power of two; off: one page)")
+                  ->default_val("64K");
               cmd.add_flag("--once", a.once, "serve one VMM, exit when its session ends");
               cmd.add_option("--connect-timeout", a.connect_timeout,
                              "exit with status 1 if no VMM connects within S seconds")

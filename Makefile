@@ -1,6 +1,6 @@
 # gfnmap: the two commands (`make run`, `make test`) and their helpers.
 # Every target installs what is missing first (scripts/install-deps.sh), so a fresh Debian works.
-.PHONY: all deps build run test test-release test-asan test-tsan bench soak clean
+.PHONY: all deps build run test test-release test-asan test-tsan bench soak fuzz clean
 
 JOBS ?= $(shell nproc)
 GFNMAP = build/release/tools/gfnmap/gfnmap
@@ -43,6 +43,14 @@ bench: build
 # Longer soak of the concurrency tests (not part of `make test`).
 soak: build
 	ctest --test-dir build/release -L slow --output-on-failure
+
+# libFuzzer targets of fuzz/ (clang, ASan + UBSan), FUZZ_SECONDS each (not part of `make test`,
+# which replays their corpora in the asan suite).
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@cmake --preset fuzz >/dev/null
+	@cmake --build --preset fuzz -j $(JOBS)
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	rm -rf build

@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libgtest-dev libgmock-dev libbenchmark-dev librapidcheck-dev
   libcli11-dev nlohmann-json3-dev libfmt-dev
+  clang libclang-rt-dev  # `make fuzz`: clang and compiler-rt's libFuzzer and sanitizers
 )
 
 missing=()

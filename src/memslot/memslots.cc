@@ -487,7 +487,9 @@ Memslots::Impl::Outcome Memslots::Impl::set_memory_region_locked(const Userspace
       return make_error(EINVAL, "VM-wide page total ", total, " + ", npages, " overflows");
     }
   } else {
-    if (flags & kMemGuestMemfd) {
+    // Row 15 covers the old slot too: a GUEST_MEMFD slot may not shed the flag by a MOVE or
+    // FLAGS_ONLY (spec 7.4: they are immutable).
+    if ((flags | old->flags) & kMemGuestMemfd) {
       return make_error(EINVAL, "slot ", id, " exists: GUEST_MEMFD slots cannot be modified, "
                         "only deleted");
     }

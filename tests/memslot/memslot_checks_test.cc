@@ -216,6 +216,13 @@ TEST(MemslotChecks, Row15_ModifyWithGuestMemfd_EINVAL) {
   EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 0, kMiB, kHvaBase, kMemGuestMemfd),
                                                RegionIoctl::kV2),
                        EINVAL, "GUEST_MEMFD slots cannot be modified");
+  // Nor can it shed the flag: a MOVE or FLAGS_ONLY without GUEST_MEMFD is a modification too
+  // (fuzz/corpus/memslot/gmem-slot-sheds-flag).
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 0, kMiB, kHvaBase, 0), RegionIoctl::kV1),
+                       EINVAL, "GUEST_MEMFD slots cannot be modified");
+  EXPECT_MEMSLOT_ERROR(slots.set_memory_region(region(0, 4 * kMiB, kMiB, kHvaBase,
+                                                      kMemLogDirtyPages), RegionIoctl::kV2),
+                       EINVAL, "GUEST_MEMFD slots cannot be modified");
   ASSERT_MEMSLOT_OK(slots.set_memory_region(region(0, 0, 0), RegionIoctl::kV2),
                     MemslotChange::kDelete);
 }

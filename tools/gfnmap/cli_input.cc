@@ -48,6 +48,13 @@ nlohmann::json parse_json_text(std::string_view text, const std::string& file) {
     if (auto pos = msg.find(": "); pos != std::string::npos && msg.starts_with("[json"))
       msg = msg.substr(pos + 2);
     throw BadInput(fmt::format("{}:{}:{}: bad JSON: {}", file, line, col, msg));
+  } catch (const nlohmann::json::exception& e) {
+    // Not a syntax error but still bad input, with no position: a number out of range
+    // ("[json.exception.out_of_range.406] number overflow parsing '1E400'").
+    std::string msg = e.what();
+    if (auto pos = msg.find("] "); pos != std::string::npos && msg.starts_with("[json"))
+      msg = msg.substr(pos + 2);
+    throw BadInput(fmt::format("{}: bad JSON: {}", file, msg));
   }
 }
 

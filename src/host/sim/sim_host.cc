@@ -412,9 +412,14 @@ long SimHost::Impl::fault_page(uint64_t addr, bool write, bool nowait, bool hwpo
       ++counts.faults;
       if (!copy) {
         // Exclusive page or shared-file page that was write-protected: reuse in place. A
-        // hugetlb page is one PTE in Linux: all its 4K entries become writable together.
-        if (v->is_hugetlb()) {
-          const uint64_t hs = v->huge_size();
+        // hugetlb page, like a THP still mapped huge, is one PTE in Linux: all its 4K entries
+        // become writable together (a huge mapping never mixes permissions).
+        uint64_t hs = v->is_hugetlb() ? v->huge_size() : 0;
+        for (uint64_t size : {detail::k1G, detail::k2M}) {
+          auto h = hs ? huge.end() : huge.find(align_down(addr, size));
+          if (h != huge.end() && pg_level_pages(h->second) * kPageSize == size) hs = size;
+        }
+        if (hs) {
           const uint64_t first = page_no(align_down(addr, hs));
           for (auto hit = ptes.lower_bound(first);
                hit != ptes.end() && hit->first < first + hs / kPageSize; ++hit) {
@@ -977,6 +982,7 @@ Result<void> SimHost::write_protect(Hva hva, uint64_t len) {
     ranges.push_back(im.notify_range_locked(start, end));
   }
   im.invalidate(ranges, [&] {
+    im.split_thp_locked(start, end);  // a huge mapping never mixes permissions
     for (auto it = im.ptes.lower_bound(page_no(start));
          it != im.ptes.end() && it->first < page_no(end); ++it) {
       it->second.writable = false;
